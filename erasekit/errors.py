@@ -1,0 +1,38 @@
+"""The one exception family of erasekit: every user-facing failure says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class ErasekitError(Exception):
+    """Base class of erasekit's errors; the CLI prints these as one line (traceback only with --debug)."""
+
+
+class ConfigError(ErasekitError, ValueError):
+    """A bad option value or combination (names the option, the expected and the actual value)."""
+
+
+class ModelLoadError(ErasekitError):
+    """A base model could not be found or loaded."""
+
+
+class EditError(ErasekitError):
+    """An Edit file is corrupt, incomplete, or was made for another base model."""
+
+
+class MissingExtraError(ErasekitError, ImportError):
+    """An optional dependency is missing; the message gives the pip command."""
+
+
+class TrainingError(ErasekitError):
+    """A training run failed (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency or raise :class:`MissingExtraError` with the install command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtraError(
+            f"{module} is not installed; install it with: pip install 'erasekit[{extra}]'") from e

@@ -1,0 +1,10 @@
+"""Base models, per-family text handling, seeded generation and the Edit object."""
+
+from .edit import Edit, fingerprint, low_rank_factors
+from .family import Context, FamilyAdapter, Tokens, cross_attention_kv, detect_family, encode_embeds
+from .generation import Sampling, generate, use_sampler
+from .loading import load_pipeline, resolve_dtype
+
+__all__ = ["Edit", "fingerprint", "low_rank_factors", "Context", "FamilyAdapter", "Tokens",
+           "cross_attention_kv", "detect_family", "encode_embeds", "Sampling", "generate",
+           "use_sampler", "load_pipeline", "resolve_dtype"]

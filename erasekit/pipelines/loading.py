@@ -1,0 +1,82 @@
+"""Loading a base model by name (``canvas-mini``), local diffusers directory, or hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, ModelLoadError
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+BUILTIN = {"canvas-mini": ASSETS / "canvas-mini"}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)} but is {dtype!r}") from None
+
+
+def builtin_path(name: str) -> Path:
+    path = BUILTIN[name]
+    if not (path / "model_index.json").exists():
+        raise ModelLoadError(f"the built-in model {name!r} is missing from {path}; reinstall erasekit "
+                             "from a full checkout (the weights live in assets/)")
+    return path
+
+
+def load_pipeline(name_or_path: str | os.PathLike = "canvas-mini", dtype: str | torch.dtype = "float32",
+                  device: str | torch.device = "cpu"):
+    """Load a Stable Diffusion pipeline (SD 1.x, SD 2.x, SDXL or ``canvas-mini``).
+
+    Args:
+        name_or_path: ``"canvas-mini"`` (built in, offline), a local diffusers directory (with
+            ``model_index.json``), or a Hugging Face hub id such as ``"CompVis/stable-diffusion-v1-4"``.
+        dtype: weights dtype (``float32``, ``float16``, ``bfloat16``).
+        device: where to put the pipeline.
+
+    The safety checker is disabled (it blacks out images and fakes low nudity rates; metrics.md).
+
+    Example:
+        >>> import erasekit
+        >>> pipe = erasekit.load_pipeline("canvas-mini")
+        >>> type(pipe).__name__
+        'StableDiffusionPipeline'
+    """
+    from diffusers import DiffusionPipeline
+
+    dtype = resolve_dtype(dtype)
+    name = str(name_or_path)
+    if name in BUILTIN:
+        source, local = builtin_path(name), True
+    elif Path(name).exists():
+        source, local = Path(name), True
+        if not (source / "model_index.json").exists():
+            raise ModelLoadError(f"{source} is not a diffusers pipeline directory (no model_index.json); "
+                                 "point at the folder written by save_pretrained, or use 'canvas-mini'")
+    elif name.count("/") == 1 and not name.startswith((".", "/")):
+        source, local = name, False
+    else:
+        raise ModelLoadError(f"unknown model {name!r}: use 'canvas-mini', a local diffusers directory, "
+                             "or a hub id like 'CompVis/stable-diffusion-v1-4'")
+    kwargs = {"dtype": dtype}  # diffusers >= 0.40 (torch_dtype is deprecated there)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local, safety_checker=None,
+                                                 requires_safety_checker=False, **kwargs)
+    except TypeError:  # pipelines without a safety checker argument (SDXL)
+        pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local, **kwargs)
+    except (OSError, ValueError) as e:
+        if local:
+            raise ModelLoadError(f"could not load the pipeline at {source}: {e}") from None
+        raise ModelLoadError(
+            f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}). Offline? Download it "
+            "where the hub is reachable (huggingface-cli download), then pass the local directory") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
