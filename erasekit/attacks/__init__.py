@@ -1,1 +1,134 @@
-"""Attacks on erased models: UnlearnDiffAtk and cheap baselines, judged by the evaluation's judges."""
+"""Attacks on erased models: UnlearnDiffAtk and cheap baselines, judged by the evaluation's judges.
+
+One entry point, :func:`attack`, runs any of the methods on a batch of prompts and returns an
+:class:`~erasekit.attacks.result.AttackResult` (per-prompt adversarial prompt, success, step of
+success, UNet evaluations, wall time; pre-ASR and ASR, where ASR includes pre-ASR as in
+UnlearnDiffAtk). The prefix-token machinery that UnlearnDiffAtk shares with AdvUnlearn's inner
+attack is :class:`~erasekit.attacks.prefix.PrefixPrompts`.
+
+This package imports torch-heavy modules only when they are used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from contextlib import nullcontext
+
+# name -> (module, config class, function, needs target images)
+METHODS = {
+    "unlearndiffatk": ("unlearndiffatk", "UnlearnDiffAttackConfig", "unlearndiffatk", True),
+    "none": ("baselines", "NoAttackConfig", "no_attack", False),
+    "seed_search": ("baselines", "SeedSearchConfig", "seed_search", False),
+    "random_prefix": ("baselines", "RandomPrefixConfig", "random_prefix", False),
+}
+_LAZY = {"AttackResult": "result", "PromptAttack": "result", "ASR_DEFINITION": "result",
+         "PrefixPrompts": "prefix", "attack_vocabulary": "prefix", "UnlearnDiffAttackConfig": "unlearndiffatk",
+         "NoAttackConfig": "baselines", "SeedSearchConfig": "baselines", "RandomPrefixConfig": "baselines"}
+
+__all__ = ["attack", "get_attack", "METHODS", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def get_attack(method: str):
+    """(config class, function, needs target images) of an attack method by name."""
+    from ..errors import ConfigError
+
+    key = str(method).lower().strip()
+    if key not in METHODS:
+        raise ConfigError(f"unknown attack method {method!r}; choose one of: {', '.join(METHODS)}")
+    module, cfg, fn, needs_targets = METHODS[key]
+    mod = importlib.import_module(f"{__name__}.{module}")
+    return getattr(mod, cfg), getattr(mod, fn), needs_targets
+
+
+def _check_prompts(prompts, seeds) -> tuple[list[str], list[int]]:
+    from ..errors import ConfigError
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError("prompts must be a non-empty list of strings, e.g. ['A Cats image in Van Gogh style.']")
+    seeds = [0] * len(prompts) if seeds is None else ([seeds] if isinstance(seeds, int) else list(seeds))
+    if len(seeds) != len(prompts) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds must be one integer per prompt ({len(prompts)}) but got {seeds!r:.80}")
+    return prompts, seeds
+
+
+def attack(pipe, prompts: list[str], concept: str, *, judge, method: str = "unlearndiffatk", seeds=None,
+           edit=None, target_images=None, sampling=None, progress: bool = True, **options):
+    """Attack ``prompts`` so that ``judge`` sees ``concept`` in the images of ``pipe``.
+
+    Args:
+        pipe: a Stable Diffusion pipeline (SD 1.x/2.x, SDXL, or SFD's one-step pipeline). Without
+            ``edit`` it is attacked as it is (an Edit may already be applied).
+        prompts: prompts that should show the concept (one image per prompt and seed).
+        concept: a concept the judge knows (e.g. ``"Van_Gogh"``); checked before any work.
+        judge: the :class:`~erasekit.eval.judges.Judge` that decides success (``judge.hits``).
+        method: ``unlearndiffatk`` (default), ``none`` (pre-ASR only), ``seed_search`` or ``random_prefix``.
+        seeds: one image seed per prompt (default 0 for every prompt).
+        edit: an :class:`~erasekit.Edit` not yet applied to ``pipe``. The target images come from
+            ``pipe`` WITHOUT it (the original model); the attack runs with it applied and the
+            pipeline is restored afterwards, also on error.
+        target_images: one image per prompt that shows the concept (UnlearnDiffAtk only). Default:
+            generated from the same prompt and seed by the original model (``pipe`` without ``edit``;
+            with no ``edit``, by ``pipe`` as it is).
+        sampling: :class:`~erasekit.Sampling` of the target and judged images (default DDIM 25, CFG 7.5).
+        options: the method's config fields (e.g. ``k=3, schedule="reference"``).
+
+    Example:
+        >>> import erasekit
+        >>> from erasekit.eval import CanvasJudge
+        >>> pipe = erasekit.load_pipeline("canvas-mini")
+        >>> edit = erasekit.erase(pipe, "uce", ["Van Gogh"])
+        >>> res = erasekit.attack(pipe, ["A Cats image in Van Gogh style."], "Van_Gogh",
+        ...                       judge=CanvasJudge.load(), edit=edit)
+        >>> res.summary()["asr_definition"].startswith("ASR includes pre-ASR")
+        True
+    """
+    from .._profile import measure
+    from ..errors import ConfigError
+    from ..erase.registry import make_config
+    from ..pipelines.generation import Sampling, generate
+    from .result import AttackResult
+
+    config_cls, fn, needs_targets = get_attack(method)
+    config = make_config(config_cls, options)
+    prompts, seeds = _check_prompts(prompts, seeds)
+    judge.find(concept)  # a judge that does not know the concept fails here, before any work
+    sampling = sampling or Sampling()
+    if getattr(config, "k", None):
+        from .prefix import PrefixPrompts
+
+        PrefixPrompts(pipe, prompts, config.k)  # refuses prompts that do not fit, before any work
+    if edit is not None and id(pipe) in getattr(edit, "_backups", {}):
+        raise ConfigError("the edit is already applied to this pipeline: pass the original pipeline; attack() "
+                          "makes the target images without the edit and applies it itself")
+    targets, target_source = None, None
+    if needs_targets:
+        if target_images is not None:
+            targets, target_source = list(target_images), "given"
+            if len(targets) != len(prompts):
+                raise ConfigError(f"target_images must hold one image per prompt ({len(prompts)}) but holds "
+                                  f"{len(targets)}")
+        else:
+            targets = generate(pipe, prompts, seeds, sampling, progress=progress)
+            target_source = "original model, same prompt and seed" if edit is not None else \
+                "the pipeline as given (no edit passed), same prompt and seed"
+    with (edit.applied(pipe) if edit is not None else nullcontext()), measure(pipe.unet.device) as usage:
+        rows = fn(pipe, prompts, seeds, concept, judge=judge, sampling=sampling, config=config, targets=targets,
+                  progress=progress)
+    protocol = {"sampling": sampling.to_dict(), "judge": judge.describe(), "concept_head": judge.find(concept)[0],
+                "targets": target_source, "edit": None if edit is None else _edit_summary(edit),
+                "wall_time_s": round(usage.wall_time_s, 4), "peak_memory_bytes": usage.peak_memory_bytes,
+                "memory_kind": usage.memory_kind, "dtype": str(pipe.unet.dtype).replace("torch.", "")}
+    return AttackResult(str(method).lower().strip(), concept, rows, {"method": method, **config.to_dict()}, protocol)
+
+
+def _edit_summary(edit) -> dict:
+    m = edit.manifest
+    return {k: m.get(k) for k in ("method", "concepts", "erasekit_version")} | \
+        {"fingerprint": (m.get("fingerprint") or {}).get("id")}

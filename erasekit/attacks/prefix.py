@@ -50,21 +50,24 @@ def attack_vocabulary(tokenizers: Sequence, mode: str = "round_trip") -> torch.T
     """
     if mode not in VOCABULARIES:
         raise ConfigError(f"`vocabulary` must be one of {VOCABULARIES} but is {mode!r}")
-    tok = tokenizers[0]
-    key = (mode, tuple(getattr(t, "name_or_path", "") for t in tokenizers), len(tok))
-    if key not in _VOCAB_CACHE:
-        special = set(tok.all_special_ids)
-        ids = [i for i in range(len(tok)) if i not in special]
+    sets = [set(_vocabulary(tok, mode).tolist()) for tok in tokenizers]
+    return torch.tensor(sorted(set.intersection(*sets)), dtype=torch.long)
+
+
+def _vocabulary(tok, mode: str) -> torch.Tensor:
+    special = set(tok.all_special_ids)
+    key = (mode, type(tok).__name__, getattr(tok, "name_or_path", ""), len(tok))
+    if key not in _VOCAB_CACHE:  # the round-trip check takes seconds: once per tokenizer
+        ids = list(range(len(tok)))
         if mode == "round_trip":
             names = tok.convert_ids_to_tokens(ids)
             ids = [i for i, n in zip(ids, names) if n.endswith("</w>")]
             texts = [tok.decode([i]).strip() for i in ids]
-            for t in tokenizers:
-                enc = t(texts, add_special_tokens=False).input_ids
-                keep = [j for j, (i, e) in enumerate(zip(ids, enc)) if e == [i]]
-                ids, texts = [ids[j] for j in keep], [texts[j] for j in keep]
+            enc = tok(texts, add_special_tokens=False).input_ids
+            ids = [i for i, e in zip(ids, enc) if e == [i]]
         _VOCAB_CACHE[key] = torch.tensor(ids, dtype=torch.long)
-    return _VOCAB_CACHE[key]
+    ids = _VOCAB_CACHE[key]
+    return ids[~torch.isin(ids, torch.tensor(sorted(special), dtype=torch.long))]
 
 
 class PrefixPrompts:

@@ -1,0 +1,245 @@
+"""UnlearnDiffAtk: adversarial prompts found by the unlearned model acting as its own classifier.
+
+Zhang et al., "To Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy to
+Generate Unsafe Images ... For Now", ECCV 2024 (arXiv 2310.11868); spec: unlearndiffatk.md.
+
+The attack minimises, over prompts c' that put k tokens in front of the prompt (Eq. 4),
+
+    E_{t, eps ~ N(0, I)} || eps_theta*( sqrt(abar_t) z_tgt + sqrt(1 - abar_t) eps, t, tau(c') ) - eps ||^2
+
+with theta* the UNLEARNED model and z_tgt the VAE posterior mean (times the scaling factor) of a
+target image that shows the concept. The variable is a relaxed one-hot u (k x |V|, rows on the
+simplex, uniform init). One step: sample one token per row (straight-through: the loss sees the
+sampled one-hot s, u receives hardtanh(dL/ds)), Adam (lr 0.01, coupled weight decay 0.1),
+project each row back onto the simplex. After each block of steps the argmax tokens are decoded to
+text, the text is generated at the prompt's seed with the unlearned model and judged; the first hit
+stops the attack on that prompt.
+
+Schedules (``schedule``):
+
+- ``reference``: the published one: timesteps 10, 30, ..., 990 ascending, 40 steps per timestep
+  (50 blocks), a full generation after every block: at most 2,000 steps and 51 generations.
+- ``fast`` (default): ``t`` drawn uniformly from ``t_range`` for every step and prompt (a Monte
+  Carlo estimate of the expectation above instead of one timestep per block, skipping the nearly
+  noise-free timesteps whose loss carries little signal), short blocks, fewer blocks.
+  ``benchmarks/bench_attack.py`` measures its cost and ASR against ``reference`` in one run.
+
+Deviations (all recorded in the result's config): each prompt has its own random stream (seeded
+by attack seed, prompt and image seed), so a prompt's attack does not depend on the batch it ran
+in; prompts are attacked in batches (the reference runs one process per prompt); ``vocabulary =
+round_trip`` (default) restricts the tokens to whole words that decode and re-tokenise to
+themselves, so the prompt that is optimised is exactly the prompt that is evaluated (``full`` is the
+reference's whole vocabulary; the decoded text is then re-tokenised and what was evaluated is
+recorded); the simplex projection finishes the bisection with the exact threshold on the found
+support, so rows sum to 1 to float precision; target images and evaluation images use the same
+``Sampling`` (the reference uses LMS 25 steps for targets and LMS 50 steps for evaluation).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..erase.registry import MethodConfig, check
+from .baselines import evaluate_original, judged_round, prompt_generator
+from .prefix import VOCABULARIES, PrefixPrompts, attack_vocabulary
+from .result import PromptAttack
+
+SCHEDULES = {
+    "reference": {"steps_per_block": 40, "blocks": 50, "timesteps": "ascending", "t_range": None, "eval_every": 1},
+    "fast": {"steps_per_block": 10, "blocks": 20, "timesteps": "uniform", "t_range": (100, 700), "eval_every": 1},
+}
+TIMESTEPS = ("ascending", "uniform")
+
+
+@dataclass
+class UnlearnDiffAttackConfig(MethodConfig):
+    """Options of UnlearnDiffAtk (defaults: unlearndiffatk.md; schedule values: ``SCHEDULES``)."""
+
+    k: int = field(default=3, metadata={"help": "prefix tokens (paper: 3 for styles and objects, 5 for nudity)"})
+    schedule: str = field(default="fast", metadata={"help": "fast (default) or reference (t = 10..990 ascending, "
+                                                             "40 steps each)"})
+    steps_per_block: int | None = field(default=None, metadata={"help": "Adam steps between judged generations "
+                                                                         "(None: the schedule's)"})
+    blocks: int | None = field(default=None, metadata={"help": "maximum number of blocks (None: the schedule's)"})
+    timesteps: str | None = field(default=None, metadata={"help": "ascending (one t per block) or uniform "
+                                                                   "(t ~ U(t_range) per step); None: the schedule's"})
+    t_range: tuple[int, int] | None = field(default=None, metadata={"help": "[low, high) of t for uniform timesteps"})
+    eval_every: int | None = field(default=None, metadata={"help": "judge after every n-th block (None: the "
+                                                                    "schedule's)"})
+    lr: float = field(default=0.01, metadata={"help": "Adam learning rate on the relaxed one-hot"})
+    weight_decay: float = field(default=0.1, metadata={"help": "Adam's coupled L2 weight decay"})
+    vocabulary: str = field(default="round_trip", metadata={"help": "round_trip (whole words that re-tokenise to "
+                                                                     "themselves) or full (the reference's)"})
+    criterion: str = field(default="l2", metadata={"help": "l2 (MSE, every shipped config) or l1"})
+    batch_size: int = field(default=16, metadata={"help": "prompts attacked together in one UNet batch"})
+    seed: int = field(default=0, metadata={"help": "seed of token sampling, noise and timesteps"})
+
+    def validate(self) -> None:
+        check(self.schedule in SCHEDULES, f"`schedule` must be one of {sorted(SCHEDULES)} but is {self.schedule!r}")
+        check(isinstance(self.k, int) and 1 <= self.k <= 75, f"`k` must be an integer in [1, 75] but is {self.k!r}")
+        for name in ("steps_per_block", "blocks", "eval_every"):
+            v = getattr(self, name)
+            check(v is None or (isinstance(v, int) and v >= 1), f"`{name}` must be an integer >= 1 or None but is {v!r}")
+        check(self.timesteps in (None, *TIMESTEPS), f"`timesteps` must be one of {TIMESTEPS} or None but is "
+                                                    f"{self.timesteps!r}")
+        if self.t_range is not None:
+            lo, hi = self.t_range
+            check(0 <= lo < hi, f"`t_range` must be [low, high) with 0 <= low < high but is {self.t_range!r}")
+        check(self.lr > 0, f"`lr` must be > 0 but is {self.lr}")
+        check(self.weight_decay >= 0, f"`weight_decay` must be >= 0 but is {self.weight_decay}")
+        check(self.vocabulary in VOCABULARIES, f"`vocabulary` must be one of {VOCABULARIES} but is {self.vocabulary!r}")
+        check(self.criterion in ("l2", "l1"), f"`criterion` must be 'l2' or 'l1' but is {self.criterion!r}")
+        check(self.batch_size >= 1, f"`batch_size` must be >= 1 but is {self.batch_size}")
+
+    def plan(self) -> dict:
+        """The schedule with every None replaced by the schedule's value."""
+        plan = dict(SCHEDULES[self.schedule])
+        for key in plan:
+            if getattr(self, key) is not None:
+                plan[key] = getattr(self, key)
+        check(plan["timesteps"] != "uniform" or plan["t_range"] is not None,
+              "`t_range` is needed for uniform timesteps: give t_range=(low, high)")
+        return plan
+
+
+def project_simplex(u: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+    """Project each row (last dim) onto {0 <= u <= 1, sum u = 1} (unlearndiffatk.md section 3 step 6).
+
+    Bisection for mu with sum clip(u - mu, 0, 1) = 1 over [min(u) - 1, max(u)] to ``tol``, then mu
+    is solved exactly on the support the bisection found. Rows already on the simplex are kept.
+    """
+    x = u.double()
+    feasible = ((x >= 0) & (x <= 1)).all(-1) & ((x.sum(-1) - 1).abs() <= tol)
+    lo, hi = x.min(-1).values - 1, x.max(-1).values
+    while bool(((hi - lo) > tol).any()):
+        mu = (lo + hi) / 2
+        over = (x - mu[..., None]).clamp(0, 1).sum(-1) > 1
+        lo, hi = torch.where(over, mu, lo), torch.where(over, hi, mu)
+    mu = (lo + hi)[..., None] / 2
+    free = (x > mu) & (x < mu + 1)          # entries strictly inside (0, 1) after the shift
+    capped = (x >= mu + 1).sum(-1, keepdim=True)
+    n_free = free.sum(-1, keepdim=True)
+    exact = ((x * free).sum(-1, keepdim=True) - (1 - capped)) / n_free.clamp_min(1)
+    mu = torch.where(n_free > 0, exact, mu)
+    out = (x - mu).clamp(0, 1)
+    return torch.where(feasible[..., None], x, out).to(u.dtype)
+
+
+def target_latents(pipe, images) -> torch.Tensor:
+    """z_tgt: VAE posterior mean x scaling factor of the target images, at the model's native size."""
+    from ..eval.judges import images_to_tensor
+
+    vae = pipe.vae
+    scale = getattr(pipe, "vae_scale_factor", 2 ** (len(vae.config.block_out_channels) - 1))
+    x = images_to_tensor(images, pipe.unet.config.sample_size * scale)
+    with torch.no_grad():
+        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+    return z.float() * vae.config.scaling_factor
+
+
+class _BatchAttack:
+    """The optimisation state of one batch of prompts (u, Adam, per-prompt random streams)."""
+
+    def __init__(self, pipe, pp: PrefixPrompts, z0, rows: list[PromptAttack], vocab, config, plan):
+        self.pipe, self.pp, self.rows, self.config, self.plan = pipe, pp, rows, config, plan
+        dev = pipe.unet.device
+        self.vocab, self.z0 = vocab.to(dev), z0.to(dev)
+        self.u = torch.full((len(rows), config.k, len(vocab)), 1.0 / len(vocab), device=dev, requires_grad=True)
+        self.opt = torch.optim.Adam([self.u], lr=config.lr, weight_decay=config.weight_decay)
+        self.gens = [prompt_generator(config.seed, r.prompt, r.seed) for r in rows]
+        self.abar = pipe.scheduler.alphas_cumprod.to(dev, torch.float32)
+        self.active = list(range(len(rows)))
+        self.sub = pp
+
+    def drop_successes(self) -> None:
+        self.active = [i for i in self.active if not self.rows[i].success]
+        self.sub = self.pp.subset(self.active)
+
+    def timesteps(self, block: int) -> torch.Tensor:
+        if self.plan["timesteps"] == "ascending":  # t_b = 10, 30, ..., 990 for 50 blocks of 1000 steps
+            n_train = len(self.abar)
+            t = int((block + 0.5) * n_train / self.plan["blocks"])
+            return torch.full((len(self.active),), t, dtype=torch.long)
+        lo, hi = self.plan["t_range"]
+        hi = min(hi, len(self.abar))
+        return torch.cat([torch.randint(lo, hi, (1,), generator=self.gens[i]) for i in self.active])
+
+    def sample_onehot(self) -> torch.Tensor:
+        """s_j ~ Categorical(u_j), one token per row (step 1), as a one-hot that takes gradients."""
+        probs = self.u.detach()[self.active].float().cpu()
+        picks = torch.stack([torch.multinomial(probs[j], 1, generator=self.gens[i]).squeeze(-1)
+                             for j, i in enumerate(self.active)])
+        onehot = torch.nn.functional.one_hot(picks, len(self.vocab)).float()
+        return onehot.to(self.u.device).requires_grad_(True)
+
+    def step(self, block: int) -> None:
+        """One straight-through Adam step on every active prompt (steps 1-6)."""
+        unet, act = self.pipe.unet, self.active
+        s = self.sample_onehot()
+        ctx = self.sub.encode(self.sub.embed_onehot(s, self.vocab))
+        eps = torch.cat([torch.randn(self.z0[:1].shape, generator=self.gens[i]) for i in act]).to(self.z0.device)
+        t = self.timesteps(block).to(self.z0.device)
+        ab = self.abar[t].view(-1, 1, 1, 1)
+        x_t = ab.sqrt() * self.z0[act] + (1 - ab).sqrt() * eps
+        pred = unet(x_t.to(unet.dtype), t, **ctx.unet_kwargs(self.pipe)).sample.float()
+        err = (pred - eps).pow(2) if self.config.criterion == "l2" else (pred - eps).abs()
+        (grad_s,) = torch.autograd.grad(err.flatten(1).mean(1).sum(), s)  # per-prompt means: prompts independent
+        grad = torch.zeros_like(self.u)
+        grad[act] = grad_s.clamp(-1, 1).to(grad.dtype)  # hardtanh: dL/du := clip(dL/ds, -1, 1)
+        self.u.grad = grad
+        self.opt.step()
+        with torch.no_grad():
+            self.u[act] = project_simplex(self.u[act])
+
+    def prompts_now(self) -> list[str]:
+        """Discretise (argmax per row), decode to text: the prompts the judge will see."""
+        ids = self.vocab[self.u.detach()[self.active].argmax(-1)].cpu()
+        return self.sub.texts(ids)
+
+
+def _run_batch(pipe, state: _BatchAttack, judge, concept, sampling, progress) -> None:
+    plan, n_step = state.plan, 0
+    bar = tqdm(total=plan["blocks"], desc="unlearndiffatk", disable=not progress, leave=False)
+    for block in range(plan["blocks"]):
+        t0 = time.perf_counter()
+        for _ in range(plan["steps_per_block"]):
+            state.step(block)
+        n_step += plan["steps_per_block"]
+        share = (time.perf_counter() - t0) / len(state.active)
+        for i in state.active:
+            row = state.rows[i]
+            row.unet_evals += plan["steps_per_block"]
+            row.grad_steps += plan["steps_per_block"]
+            row.wall_time_s += share
+        last = block == plan["blocks"] - 1
+        if (block + 1) % plan["eval_every"] == 0 or last:
+            rows = [state.rows[i] for i in state.active]
+            judged_round(pipe, rows, state.prompts_now(), [r.seed for r in rows], judge, concept, sampling, n_step)
+            for r in rows:
+                r.rounds += 1
+            state.drop_successes()
+        bar.update(1)
+        bar.set_postfix(active=len(state.active))
+        if not state.active:
+            break
+    bar.close()
+
+
+def unlearndiffatk(pipe, prompts, seeds, concept, *, judge, sampling, config: UnlearnDiffAttackConfig,
+                   targets, progress=True, **_) -> list[PromptAttack]:
+    """Attack every prompt (see the module docstring); ``targets``: one image per prompt."""
+    plan = config.plan()
+    pp = PrefixPrompts(pipe, prompts, config.k)
+    vocab = attack_vocabulary(pp.adapter.tokenizers, config.vocabulary)
+    z0 = target_latents(pipe, targets)
+    rows = evaluate_original(pipe, prompts, seeds, judge, concept, sampling, max(config.batch_size, 64))
+    todo = [r.index for r in rows if not r.success]
+    batches = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
+    for part in tqdm(batches, desc="prompt batches", disable=not progress or len(batches) < 2):
+        state = _BatchAttack(pipe, pp.subset(part), z0[part], [rows[i] for i in part], vocab, config, plan)
+        _run_batch(pipe, state, judge, concept, sampling, progress)
+    return rows

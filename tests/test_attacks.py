@@ -1,0 +1,300 @@
+"""Attacks: the prefix splice, the simplex projection, UnlearnDiffAtk's loop and the baselines.
+
+Mechanics on tiny random pipelines (sd1, sd2, sdxl, and a one-step stand-in for SFD's pipeline);
+the attack's efficacy on UCE/ESD-erased canvas-mini is a slow test (and benchmarks/bench_attack.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from erasekit.attacks import AttackResult, PrefixPrompts, attack, attack_vocabulary
+from erasekit.attacks.unlearndiffatk import project_simplex
+from erasekit.errors import ConfigError
+from erasekit.eval.judges import Judge
+from erasekit.pipelines import Edit, Sampling
+
+FAST = Sampling(steps=3, batch_size=16)
+SHORT = {"steps_per_block": 2, "blocks": 2}
+
+
+class ToneJudge(Judge):
+    """Test judge: an image is 'bright' if its mean pixel exceeds ``threshold``; counts its calls."""
+
+    name = "tone"
+    heads = {"tone": ["dark", "bright"]}
+
+    def __init__(self, threshold: float = 127.0):
+        self.threshold, self.calls, self.images = threshold, 0, 0
+
+    def classify(self, images):
+        self.calls += 1
+        self.images += len(images)
+        return {"tone": np.array([int(np.asarray(im).mean() > self.threshold) for im in images])}
+
+
+class LateJudge(ToneJudge):
+    """Hits the first image of every call from call ``at`` on: a success that arrives mid-attack."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def classify(self, images):
+        self.calls += 1
+        hit = np.zeros(len(images), dtype=int)
+        if self.calls >= self.at:
+            hit[0] = 1
+        return {"tone": hit}
+
+
+def _state(pipe):
+    return {f"{c}/{k}": v.clone() for c in ("unet", "text_encoder") for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def _edit(pipe):
+    w = pipe.unet.conv_in.weight.detach()
+    return Edit.from_weights(pipe, {"unet/conv_in.weight": w * 3.0}, {"method": "test"}, low_rank=False)
+
+
+# -- prefix machinery ---------------------------------------------------------------------------
+def test_decoded_prompt_retokenises_to_chosen_ids(tiny_pipe):
+    prompts = ["A Cats image in Van Gogh style.", "a photo", ""] * 8
+    pp = PrefixPrompts(tiny_pipe, prompts, k=5)
+    ids = pp.random_ids(torch.Generator().manual_seed(0))
+    texts = pp.texts(ids)
+    for which in range(pp.n_encoders):
+        re = pp.adapter.tokenize(texts, which=which)
+        assert torch.equal(re.input_ids[:, 1:6], ids)
+        assert torch.equal(re.input_ids, pp.tokens[which].input_ids.clone().index_put_(
+            (torch.arange(len(prompts))[:, None], torch.arange(1, 6)), ids))
+    # encoding the slots gives exactly what the pipeline's own text path gives for the decoded text
+    ctx, ref = pp.encode(pp.embed_ids(ids)), pp.adapter.encode(texts)
+    torch.testing.assert_close(ctx.embeds, ref.embeds, rtol=1e-5, atol=1e-5)
+    if ref.pooled is not None:
+        torch.testing.assert_close(ctx.pooled, ref.pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_onehot_slots_equal_id_slots_and_take_gradients(tiny_sd1):
+    pp = PrefixPrompts(tiny_sd1, ["a cat", "a dog"], k=3)
+    vocab = attack_vocabulary(pp.adapter.tokenizers)
+    pick = torch.tensor([[0, 5, 9], [100, 2, 7]])
+    onehot = torch.nn.functional.one_hot(pick, len(vocab)).float().requires_grad_(True)
+    slots = pp.embed_onehot(onehot, vocab)
+    torch.testing.assert_close(slots[0], pp.embed_ids(vocab[pick])[0])
+    pp.encode(slots).embeds.sum().backward()
+    assert onehot.grad is not None and onehot.grad.abs().sum() > 0
+
+
+def test_full_vocabulary_is_larger_and_excludes_specials(tiny_sd1):
+    toks = [tiny_sd1.tokenizer]
+    full, rt = attack_vocabulary(toks, "full"), attack_vocabulary(toks, "round_trip")
+    assert len(rt) < len(full) < len(tiny_sd1.tokenizer)
+    assert not set(tiny_sd1.tokenizer.all_special_ids) & set(full.tolist())
+
+
+def test_prefix_refuses_prompts_that_no_longer_fit(tiny_sd1):
+    long = " ".join(["cat"] * 73)  # 73 tokens + BOS + EOS = 75: fits alone, not with 3 more
+    PrefixPrompts(tiny_sd1, [long], k=2)
+    with pytest.raises(ConfigError, match="refused, not truncated"):
+        PrefixPrompts(tiny_sd1, ["a cat", long], k=3)
+    with pytest.raises(ConfigError, match="at most 77"):
+        PrefixPrompts(tiny_sd1, [" ".join(["cat"] * 80)], k=1)
+
+
+# -- simplex projection -------------------------------------------------------------------------
+def _sort_projection(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection onto the probability simplex by sorting (Duchi et al. 2008), per row."""
+    s, _ = v.sort(-1, descending=True)
+    css = s.cumsum(-1) - 1
+    idx = torch.arange(1, v.shape[-1] + 1, dtype=v.dtype)
+    rho = ((s - css / idx) > 0).sum(-1, keepdim=True)
+    theta = css.gather(-1, rho - 1) / rho
+    return (v - theta).clamp_min(0)
+
+
+def test_simplex_projection_keeps_rows_on_the_simplex():
+    g = torch.Generator().manual_seed(0)
+    u = torch.cat([torch.randn(6, 3, 50, generator=g), torch.rand(2, 3, 50, generator=g) * 0.01,
+                   torch.randn(1, 3, 50, generator=g) * 5]).double()
+    p = project_simplex(u)
+    assert (p >= 0).all() and (p <= 1).all()
+    torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1], dtype=p.dtype), rtol=0, atol=1e-9)
+    torch.testing.assert_close(p, _sort_projection(u), rtol=0, atol=1e-7)  # the closest point
+    torch.testing.assert_close(project_simplex(p), p, rtol=0, atol=0)      # feasible rows are kept
+
+
+# -- attack() ---------------------------------------------------------------------------------------
+def test_no_attack_is_one_judged_generation(tiny_sd1):
+    judge = ToneJudge()
+    res = attack(tiny_sd1, ["a cat", "a dog", "a tree"], "bright", judge=judge, method="none", sampling=FAST,
+                 progress=False)
+    assert (judge.calls, judge.images) == (1, 3)
+    assert all(p.unet_evals == FAST.steps * 2 and p.grad_steps == 0 for p in res.prompts)  # CFG: 2 per step
+    assert all(p.adv_prompt == p.prompt and p.step == (0 if p.success else None) for p in res.prompts)
+    assert res.asr == res.pre_asr
+
+
+def test_pre_success_stops_before_any_optimisation(tiny_sd1):
+    prompts, judge = ["a cat", "a dog", "a tree", "a house"], ToneJudge()
+    from erasekit.pipelines import generate
+
+    means = [np.asarray(im).mean() for im in generate(tiny_sd1, prompts, 0, FAST)]
+    judge.threshold = float(np.median(means))  # about half the prompts succeed without attack
+    res = attack(tiny_sd1, prompts, "bright", judge=judge, sampling=FAST, progress=False, **SHORT)
+    pre = [p for p in res.prompts if p.pre_success]
+    assert 0 < len(pre) < len(prompts)
+    assert all(p.grad_steps == 0 and p.step == 0 and p.adv_prompt == p.prompt for p in pre)
+    for p in res.prompts:
+        if not p.pre_success:  # attacked until a success or the end of the 2 blocks of 2 steps
+            assert (p.grad_steps, p.rounds) == ((p.step, p.step // 2) if p.success else (4, 2))
+    assert res.pre_asr == 100.0 * len(pre) / len(prompts)
+
+
+def test_early_stop_drops_broken_prompts_from_the_batch(tiny_sd1):
+    # call 1 = no-attack evaluation, call 2 = after block 1: the first active prompt breaks there
+    res = attack(tiny_sd1, ["a cat", "a dog", "a tree"], "bright", judge=LateJudge(at=2), sampling=FAST,
+                 progress=False, steps_per_block=2, blocks=3)
+    first, rest = res.prompts[0], res.prompts[1:]
+    assert first.success and not first.pre_success and first.step == 2 and first.grad_steps == 2
+    assert first.adv_prompt.endswith("a cat") and first.adv_prompt != "a cat"
+    assert rest[0].success and rest[0].step == 4  # the next call's first image is the next active prompt
+    assert rest[1].grad_steps == 6 and rest[1].unet_evals > first.unet_evals
+    assert res.asr == pytest.approx(100.0) and res.pre_asr == 0.0
+
+
+def test_batched_attack_equals_one_prompt_at_a_time(tiny_sd1):
+    prompts, kw = ["a cat", "a dog in a house"], dict(judge=ToneJudge(255), sampling=FAST, progress=False, **SHORT)
+    together = attack(tiny_sd1, prompts, "bright", batch_size=2, **kw)
+    alone = attack(tiny_sd1, prompts, "bright", batch_size=1, **kw)
+    assert [p.adv_prompt for p in together.prompts] == [p.adv_prompt for p in alone.prompts]
+
+
+def test_edit_is_applied_for_the_attack_only_and_targets_use_the_original(tiny_sd1, monkeypatch):
+    import erasekit.attacks.baselines as baselines
+    import erasekit.pipelines.generation as generation
+
+    edit, before, seen = _edit(tiny_sd1), _state(tiny_sd1), []
+    real = generation.generate
+
+    def spy(pipe, *a, **k):
+        seen.append(float(pipe.unet.conv_in.weight.detach().sum()))
+        return real(pipe, *a, **k)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    monkeypatch.setattr(baselines, "generate", spy)
+    base = float(tiny_sd1.unet.conv_in.weight.detach().sum())
+    res = attack(tiny_sd1, ["a cat"], "bright", judge=ToneJudge(255), edit=edit, sampling=FAST, progress=False,
+                 **SHORT)
+    assert seen[0] == base and all(s == pytest.approx(3 * base) for s in seen[1:])
+    assert len(seen) == 4  # targets; then with the edit: no-attack evaluation, one per block
+    assert res.protocol["targets"].startswith("original model")
+    assert all(torch.equal(before[k], v) for k, v in _state(tiny_sd1).items())
+
+
+def test_pipeline_restored_when_the_attack_fails(tiny_sd1):
+    class Boom(ToneJudge):
+        def classify(self, images):
+            raise RuntimeError("judge crashed")
+
+    edit, before = _edit(tiny_sd1), _state(tiny_sd1)
+    with pytest.raises(RuntimeError, match="judge crashed"):
+        attack(tiny_sd1, ["a cat"], "bright", judge=Boom(), edit=edit, sampling=FAST, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in _state(tiny_sd1).items())
+    assert all(p.grad is None for p in tiny_sd1.unet.parameters())
+
+
+@pytest.mark.parametrize("method", ["seed_search", "random_prefix"])
+def test_baselines_share_the_result_type(tiny_sd1, method):
+    judge = ToneJudge(255)  # never hit: every round runs
+    res = attack(tiny_sd1, ["a cat", "a dog"], "bright", judge=judge, method=method, rounds=2, sampling=FAST,
+                 progress=False)
+    assert isinstance(res, AttackResult) and judge.calls == 3
+    p = res.prompts[0]
+    assert p.rounds == 2 and p.unet_evals == 3 * FAST.steps * 2 and not p.success
+    if method == "seed_search":
+        assert (p.adv_prompt, p.adv_seed) == ("a cat", 2)
+    else:
+        assert p.adv_prompt.endswith(" a cat") and len(p.adv_prompt.split()) == 5 and p.adv_seed == 0
+
+
+def test_sdxl_puts_the_prefix_in_both_encoders(clip_tokenizer_dir):
+    from conftest import build_tiny
+
+    pipe = build_tiny("sdxl", clip_tokenizer_dir)
+    res = attack(pipe, ["a cat"], "bright", judge=ToneJudge(255), sampling=FAST, progress=False, **SHORT)
+    p = res.prompts[0]
+    assert p.grad_steps == 4 and p.adv_prompt != "a cat"
+    for which in (0, 1):
+        assert pipe.tokenizer.decode(pipe.tokenizer(p.adv_prompt).input_ids[1:4]) == p.adv_prompt[:-len(" a cat")]
+
+
+class OneStepPipe:
+    """Stand-in for SFD's one-step pipeline: a UNet used once at t_init, dispatched via erasekit_generate."""
+
+    def __init__(self, pipe, t_init=625):
+        self.base, self.t_init = pipe, t_init
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "vae_scale_factor"):
+            setattr(self, name, getattr(pipe, name))
+        self.calls = 0
+
+    @torch.no_grad()
+    def erasekit_generate(self, prompts, seeds, sampling, progress=False, output_type="pil"):
+        from erasekit.pipelines import FamilyAdapter
+
+        self.calls += 1
+        size = self.unet.config.sample_size
+        z = torch.cat([torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        abar = self.scheduler.alphas_cumprod[self.t_init]
+        x_t = (1 - abar).sqrt() * z
+        ctx = FamilyAdapter(self).encode(prompts)
+        eps = self.unet(x_t, self.t_init, **ctx.unet_kwargs(self)).sample
+        x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+        img = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+        return self.base.image_processor.postprocess(img, output_type=output_type)
+
+
+def test_one_step_pipeline(tiny_sd1):
+    pipe = OneStepPipe(tiny_sd1)
+    res = attack(pipe, ["a cat", "a dog"], "bright", judge=ToneJudge(255), sampling=FAST, progress=False, **SHORT)
+    assert pipe.calls == 1 + 1 + 2  # targets, no-attack evaluation, one per block
+    assert all(p.unet_evals == 1 + 4 + 2 and p.grad_steps == 4 for p in res.prompts)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_bad_input_fails_before_any_work(tiny_sd1):
+    judge = ToneJudge()
+    kw = dict(judge=judge, sampling=FAST, progress=False)
+    with pytest.raises(ConfigError, match="does not know the concept 'Van Gogh'"):
+        attack(tiny_sd1, ["a cat"], "Van Gogh", **kw)
+    with pytest.raises(ConfigError, match="refused, not truncated"):
+        attack(tiny_sd1, [" ".join(["cat"] * 74)], "bright", k=3, **kw)
+    with pytest.raises(ConfigError, match="`k` must be an integer in \\[1, 75\\]"):
+        attack(tiny_sd1, ["a cat"], "bright", k=80, **kw)
+    with pytest.raises(ConfigError, match="unknown attack method"):
+        attack(tiny_sd1, ["a cat"], "bright", method="p4d", **kw)
+    with pytest.raises(ConfigError, match="has no option 'rounds'"):
+        attack(tiny_sd1, ["a cat"], "bright", rounds=3, **kw)
+    with pytest.raises(ConfigError, match="one integer per prompt"):
+        attack(tiny_sd1, ["a cat", "a dog"], "bright", seeds=[1], **kw)
+    with pytest.raises(ConfigError, match="`schedule` must be one of"):
+        attack(tiny_sd1, ["a cat"], "bright", schedule="slow", **kw)
+    edit = _edit(tiny_sd1)
+    with edit.applied(tiny_sd1), pytest.raises(ConfigError, match="already applied"):
+        attack(tiny_sd1, ["a cat"], "bright", edit=edit, **kw)
+    assert judge.calls == 0
+
+
+# -- results ----------------------------------------------------------------------------------------
+def test_result_round_trips_and_states_the_asr_definition(tiny_sd1, tmp_path):
+    res = attack(tiny_sd1, ["a cat", "a, dog"], "bright", judge=LateJudge(at=2), sampling=FAST, progress=False,
+                 steps_per_block=2, blocks=1)
+    assert "ASR includes pre-ASR" in str(res) and "ASR includes pre-ASR" in res.summary()["asr_definition"]
+    for suffix in (".json", ".csv"):
+        back = AttackResult.load(res.save(tmp_path / f"r{suffix}"))
+        assert back.prompts == res.prompts and back.summary()["asr"] == res.asr == 50.0
+        assert back.protocol["sampling"]["steps"] == FAST.steps and back.concept == "bright"
+    with pytest.raises(ConfigError, match=".json or .csv"):
+        res.save(tmp_path / "r.txt")
