@@ -21,9 +21,10 @@ VAE = dict(
 
 UNET = dict(
     sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(64, 128, 128), layers_per_block=1,
+    # No attention at 16 x 16: it costs half the training time on a CPU for little gain at this size.
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64, 128), layers_per_block=1,
     cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=16,
 )
 

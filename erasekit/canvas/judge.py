@@ -23,7 +23,7 @@ from .world import OBJECTS, STYLES
 class CanvasJudgeNet(nn.Module):
     """Images in [-1, 1] (N x 3 x 32 x 32) -> (style logits, object logits)."""
 
-    def __init__(self, n_styles: int = len(STYLES), n_objects: int = len(OBJECTS), width: int = 32):
+    def __init__(self, n_styles: int = len(STYLES), n_objects: int = len(OBJECTS), width: int = 16):
         super().__init__()
         layers, c_in = [], 3
         for c in (width, 2 * width, 4 * width):
