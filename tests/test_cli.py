@@ -106,12 +106,23 @@ def test_env_reports_versions(capsys):
     (["attack", "--concept", "Van_Gogh", "--prompts-file", "nope.txt"], ["nope.txt does not exist"]),
     (["attack", "--concept", "Van_Gogh", "--prompt", "p", "--attack", "zap"], ["unknown attack method 'zap'"]),
     (["frobnicate"], ["invalid choice", "--help"]),
+    (["demo", "--concept", "Picasso"], ["not 'Picasso'", "Van_Gogh"]),
+    (["bench", "nope"], ["unknown benchmark 'nope'", "choose from"]),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, argv, needles):
     code, out, err = run(capsys, *argv)
     assert code == EXIT_USAGE
     assert out == ""
     assert_one_line_error(err, *needles)
+
+
+def test_bench_lists_the_benchmark_scripts(capsys):
+    from pathlib import Path
+
+    code, out, _ = run(capsys, "bench", "--list", "--json")
+    scripts = sorted(p.stem.removeprefix("bench_") for p in (Path(__file__).parents[1] / "benchmarks").glob("*.py")
+                     if not p.name.startswith("_"))
+    assert code == EXIT_OK and json.loads(out)["benchmarks"] == scripts
 
 
 def test_edit_for_another_model_is_refused(capsys, tiny_dirs, tmp_path):

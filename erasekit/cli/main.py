@@ -205,7 +205,8 @@ def cmd_bench(args, out: Output) -> int:
     scripts = sorted(p for p in root.glob("*.py") if not p.name.startswith("_")) if root.is_dir() else []
     if not scripts:
         raise ConfigError(f"no benchmarks found in {root}: run `erasekit bench` from a full checkout")
-    names = {p.stem: p for p in scripts}
+    names = {p.stem.removeprefix("bench_"): p for p in scripts}
+    args.name = [n.removeprefix("bench_") for n in args.name]
     unknown = [n for n in args.name if n not in names]
     if unknown:
         raise ConfigError(f"unknown benchmark {unknown[0]!r}; choose from: {', '.join(names)}")
@@ -315,7 +316,7 @@ EXAMPLES = {
     "demo": "examples:\n  erasekit demo\n  erasekit demo --concept Cubism --out cubism-demo/\n",
     "preview": "examples:\n  erasekit preview                      # http://127.0.0.1:7860\n"
                "  erasekit preview --edit rece-Van_Gogh.safetensors --report report/ --port 8000\n",
-    "bench": "examples:\n  erasekit bench --list\n  erasekit bench NAME -- --help\n",
+    "bench": "examples:\n  erasekit bench --list\n  erasekit bench closed_form\n  erasekit bench sfd -- --help\n",
     "methods": "examples:\n  erasekit methods\n  erasekit methods rece --json\n",
     "env": "example:\n  erasekit env --json   # paste into bug reports\n",
 }
@@ -378,10 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
 
-    p = add("bench", cmd_bench, "run the benchmarks in benchmarks/ (all, or the named ones)")
+    p = add("bench", cmd_bench, "run the benchmarks in benchmarks/ (all, or the named ones); arguments after "
+            "`--` go to each benchmark script")
     p.add_argument("name", nargs="*", help="benchmark names (default: all)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments after -- go to each benchmark")
 
     p = add("methods", cmd_methods, "list the erasure methods and their options")
     p.add_argument("name", nargs="?", help="show one method")
@@ -417,10 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script exits with it)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     try:
         args = build_parser().parse_args(argv)
-        if getattr(args, "extra", None) and args.extra[:1] == ["--"]:
-            args.extra = args.extra[1:]
+        args.extra = extra
         if not getattr(args, "command", None):
             build_parser().print_help()
             return EXIT_USAGE
