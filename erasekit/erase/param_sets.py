@@ -18,6 +18,10 @@ esd.md section 3):
 ``full``           the whole UNet (alias ``esd-all``)
 =================  =================================================================================
 
+Text-encoder sets (AdvUnlearn; every text encoder, SDXL's two included; token and position
+embeddings never): ``text-encoder-full`` (all transformer layers + final layer norm, the reference's
+``text_encoder_full``), ``text-encoder-attn`` (self-attention), ``text-encoder-ffn`` (MLP).
+
 Other engineers add sets (e.g. text-encoder layers for AdvUnlearn) with::
 
     @register_param_set("text-encoder-attn", "self-attention of the text encoder")
@@ -119,6 +123,40 @@ def _full(pipe):
 
 
 _SETS["esd-all"] = (_full, "the whole UNet (alias of full)")
+
+
+# Text-encoder sets (AdvUnlearn, advunlearn.md section 2): every text encoder of the pipeline (SDXL:
+# both); the token and position embeddings are never included, so the embedding space stays fixed.
+_TEXT_PARTS = {
+    "full": lambda n: ".encoder.layers." in f".{n}" or "final_layer_norm" in n,
+    "attn": lambda n: ".self_attn." in n,
+    "ffn": lambda n: ".mlp." in n,
+}
+
+
+def _text_encoder_params(pipe, part: str) -> dict[str, nn.Parameter]:
+    keep = _TEXT_PARTS[part]
+    out = {}
+    for comp in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, comp, None) is not None:
+            out.update(component_params(pipe, comp, lambda m, mod, n: keep(n)))
+    return dict(sorted(out.items()))
+
+
+@register_param_set("text-encoder-full", "every transformer layer and the final layer norm of the text "
+                                         "encoder(s); token and position embeddings frozen")
+def _te_full(pipe):
+    return _text_encoder_params(pipe, "full")
+
+
+@register_param_set("text-encoder-attn", "self-attention (q, k, v, out projections) of every text-encoder layer")
+def _te_attn(pipe):
+    return _text_encoder_params(pipe, "attn")
+
+
+@register_param_set("text-encoder-ffn", "MLP (fc1, fc2) of every text-encoder layer")
+def _te_ffn(pipe):
+    return _text_encoder_params(pipe, "ffn")
 
 
 def select_params(pipe, name: str) -> dict[str, nn.Parameter]:
