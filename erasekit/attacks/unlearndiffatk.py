@@ -37,6 +37,7 @@ support, so rows sum to 1 to float precision; target images and evaluation image
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -110,23 +111,24 @@ def project_simplex(u: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
     """Project each row (last dim) onto {0 <= u <= 1, sum u = 1} (unlearndiffatk.md section 3 step 6).
 
     Bisection for mu with sum clip(u - mu, 0, 1) = 1 over [min(u) - 1, max(u)] to ``tol``, then mu
-    is solved exactly on the support the bisection found. Rows already on the simplex are kept.
+    is solved exactly on the support the bisection found (so rows sum to 1 to float precision).
+    Rows already on the simplex are kept. Works in ``u``'s dtype (float32: 10x faster than float64
+    on the 34k-wide rows).
     """
-    x = u.double()
-    feasible = ((x >= 0) & (x <= 1)).all(-1) & ((x.sum(-1) - 1).abs() <= tol)
-    lo, hi = x.min(-1).values - 1, x.max(-1).values
-    while bool(((hi - lo) > tol).any()):
+    x = u.detach()
+    feasible = ((x >= 0) & (x <= 1)).all(-1, keepdim=True) & ((x.sum(-1, keepdim=True) - 1).abs() <= tol)
+    lo, hi = x.min(-1, keepdim=True).values - 1, x.max(-1, keepdim=True).values
+    for _ in range(max(0, int(math.ceil(math.log2(float((hi - lo).max()) / tol))))):
         mu = (lo + hi) / 2
-        over = (x - mu[..., None]).clamp(0, 1).sum(-1) > 1
+        over = (x - mu).clamp_(0, 1).sum(-1, keepdim=True) > 1
         lo, hi = torch.where(over, mu, lo), torch.where(over, hi, mu)
-    mu = (lo + hi)[..., None] / 2
+    mu = (lo + hi) / 2
     free = (x > mu) & (x < mu + 1)          # entries strictly inside (0, 1) after the shift
     capped = (x >= mu + 1).sum(-1, keepdim=True)
     n_free = free.sum(-1, keepdim=True)
     exact = ((x * free).sum(-1, keepdim=True) - (1 - capped)) / n_free.clamp_min(1)
     mu = torch.where(n_free > 0, exact, mu)
-    out = (x - mu).clamp(0, 1)
-    return torch.where(feasible[..., None], x, out).to(u.dtype)
+    return torch.where(feasible, x, (x - mu).clamp_(0, 1))
 
 
 def target_latents(pipe, images) -> torch.Tensor:
@@ -169,12 +171,18 @@ class _BatchAttack:
         return torch.cat([torch.randint(lo, hi, (1,), generator=self.gens[i]) for i in self.active])
 
     def sample_onehot(self) -> torch.Tensor:
-        """s_j ~ Categorical(u_j), one token per row (step 1), as a one-hot that takes gradients."""
-        probs = self.u.detach()[self.active].float().cpu()
-        picks = torch.stack([torch.multinomial(probs[j], 1, generator=self.gens[i]).squeeze(-1)
-                             for j, i in enumerate(self.active)])
-        onehot = torch.nn.functional.one_hot(picks, len(self.vocab)).float()
-        return onehot.to(self.u.device).requires_grad_(True)
+        """s_j ~ Categorical(u_j), one token per row (step 1), as a one-hot that takes gradients.
+
+        Inverse-CDF sampling (one uniform per row from the prompt's own stream): the same
+        distribution as ``torch.multinomial``, vectorised over the batch.
+        """
+        probs = self.u.detach()[self.active]
+        cdf = probs.cumsum(-1)
+        r = torch.stack([torch.rand(self.config.k, generator=self.gens[i]) for i in self.active])
+        picks = torch.searchsorted(cdf, (r.to(cdf.device) * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
+        picks = picks.clamp_max(cdf.shape[-1] - 1)
+        onehot = torch.nn.functional.one_hot(picks, len(self.vocab)).to(self.u.dtype)
+        return onehot.requires_grad_(True)
 
     def step(self, block: int) -> None:
         """One straight-through Adam step on every active prompt (steps 1-6)."""
