@@ -249,11 +249,12 @@ class ClassifierJudge(Judge):
     @classmethod
     def from_timm(cls, heads: dict, **kwargs) -> "ClassifierJudge":
         """``heads``: {head: (timm model name, safetensors weights path, labels)}; strict loading."""
+        weights = {head: _load_weights(w) for head, (_, w, _) in heads.items()}  # fail before building
         timm = _require_timm()
         built = {}
-        for head, (arch, weights, labels) in heads.items():
+        for head, (arch, _, labels) in heads.items():
             model = timm.create_model(arch, pretrained=False, num_classes=len(labels))
-            model.load_state_dict(_load_weights(weights), strict=True)
+            model.load_state_dict(weights[head], strict=True)
             built[head] = (model, labels)
         return cls(built, source="timm", **kwargs)
 
