@@ -20,7 +20,7 @@ from .._io import write_text_atomic
 from .options import Output, quiet_loading
 
 N_ATTACK_PROMPTS = 4  # captions of the erased concept the attack tries to bring it back on
-GRID_SCALE = 4        # canvas-mini images are 32 px; the grid shows them 4x larger (nearest neighbour)
+GRID_CELL = 128      # canvas-mini images are 32 px; the grid shows them 4x larger (nearest neighbour)
 
 
 def attack_prompts(concept: str, n: int = N_ATTACK_PROMPTS) -> list[str]:
@@ -28,6 +28,8 @@ def attack_prompts(concept: str, n: int = N_ATTACK_PROMPTS) -> list[str]:
     from ..canvas.world import OBJECTS, STYLES, caption
     from ..errors import ConfigError
 
+    if not 1 <= n <= 10:
+        raise ConfigError(f"the number of attack prompts must be in [1, 10] but is {n}")
     key = concept.strip().replace(" ", "_").lower()
     styles, objects = {s.lower(): s for s in STYLES}, {o.lower(): o for o in OBJECTS}
     if key in styles:
@@ -38,21 +40,21 @@ def attack_prompts(concept: str, n: int = N_ATTACK_PROMPTS) -> list[str]:
                       f"{', '.join(STYLES + OBJECTS)}")
 
 
-def comparison_grid(rows: list[list], path: Path) -> Path:
-    """Save rows of PIL images (one row per prompt) as one PNG grid."""
-    import torch
-    from torchvision.transforms.functional import pil_to_tensor
-    from torchvision.utils import make_grid, save_image
+def comparison_grid(result, columns: list[list], path: Path) -> Path:
+    """One row per attacked prompt: the original, erased and adversarial images, labelled."""
+    from .._io import atomic_path
+    from ..eval.report import image_grid
 
-    tiles = [pil_to_tensor(im.convert("RGB")).float().div(255) for row in rows for im in row]
-    grid = make_grid(torch.stack(tiles), nrow=len(rows[0]), padding=2, pad_value=1.0)
-    grid = torch.nn.functional.interpolate(grid[None], scale_factor=GRID_SCALE, mode="nearest")[0]
-    save_image(grid, str(path))
+    rows = [list(r) for r in zip(*columns)]
+    labels = [f"[{'broken' if p.success else 'held'}] {p.prompt}" for p in result.prompts]
+    grid = image_grid(rows, labels, ["original", "erased", "adversarial"], cell=GRID_CELL)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
     return path
 
 
 def _attack_images(pipe, edit, result) -> list[list]:
-    """For each attacked prompt: original model, erased model, erased model on the adversarial prompt."""
+    """Columns for the grid: original model, erased model, erased model on the adversarial prompt."""
     from ..pipelines.generation import Sampling, generate
 
     known = {"sampler", "steps", "guidance", "height", "width", "batch_size"}
@@ -62,7 +64,7 @@ def _attack_images(pipe, edit, result) -> list[list]:
     with edit.applied(pipe):
         erased = generate(pipe, prompts, seeds, sampling)
         adv = generate(pipe, [p.adv_prompt for p in result.prompts], [p.adv_seed for p in result.prompts], sampling)
-    return [list(r) for r in zip(original, erased, adv)]
+    return [original, erased, adv]
 
 
 def run_demo(out_dir: Path = Path("erasekit-demo"), concept: str = "Van_Gogh", method: str = "rece",
@@ -90,31 +92,31 @@ def run_demo(out_dir: Path = Path("erasekit-demo"), concept: str = "Van_Gogh", m
     edit.manifest["base_model"] = model or "canvas-mini"
     edit_path = edit.save(out_dir / "edit.safetensors")
 
-    out.info(f"[2/4] attacking the erased model with UnlearnDiffAtk on {len(prompts)} prompts ...")
+    out.info(f"[2/4] attacking the erased model with UnlearnDiffAtk on {len(prompts)} prompt(s) ...")
     result = attack(pipe, prompts, concept, judge=judge, method="unlearndiffatk", edit=edit, progress=out.progress)
     attack_files = [result.save(out_dir / "attack.json"), result.save(out_dir / "attack.csv")]
 
     out.info("[3/4] evaluating the Edit (canvas-lite) ...")
     report = evaluate(pipe, edit=edit, protocol="canvas-lite", targets=[concept], judge=judge,
-                      out_dir=out_dir / "report", progress=out.progress)
+                      out_dir=out_dir / "report", progress=out.progress, edit_path=edit_path, attack=result)
 
     out.info("[4/4] writing the comparison grid and the summary ...")
-    grid = comparison_grid(_attack_images(pipe, edit, result), out_dir / "attack_grid.png")
-    summary = _summary(out_dir, concept, method, edit, edit_path, result, attack_files, report, grid,
-                       time.perf_counter() - t0)
+    grid = comparison_grid(result, _attack_images(pipe, edit, result), out_dir / "attack_grid.png")
+    summary = _summary(out_dir, model or "canvas-mini", concept, method, edit, edit_path, result, attack_files,
+                       report, grid, time.perf_counter() - t0)
     write_text_atomic(out_dir / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "_lines"},
                                                            indent=1, default=str))
     return summary
 
 
-def _summary(out_dir, concept, method, edit, edit_path, result, attack_files, report, grid, wall) -> dict:
+def _summary(out_dir, model, concept, method, edit, edit_path, result, attack_files, report, grid, wall) -> dict:
     scores = report.summary() if callable(getattr(report, "summary", None)) else {}
     atk = result.summary()
     m = edit.manifest
     lines = [
-        f"erasekit demo: erased {concept} from canvas-mini with {method} in {m.get('wall_time_s', 0):.1f} s "
+        f"erasekit demo: erased {concept} from {model} with {method} in {m.get('wall_time_s', 0):.1f} s "
         f"({edit.nbytes() / 1024:.1f} KiB Edit)",
-        f"  attack (UnlearnDiffAtk, {atk['n']} prompts): pre-ASR {atk['pre_asr']:.0f}%, ASR {atk['asr']:.0f}% "
+        f"  attack (UnlearnDiffAtk, {atk['n']} prompt{'s' if atk['n'] != 1 else ''}): pre-ASR {atk['pre_asr']:.0f}%, ASR {atk['asr']:.0f}% "
         "(ASR includes pre-ASR)",
         "  evaluation (canvas-lite): " + ", ".join(
             f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()
@@ -125,7 +127,7 @@ def _summary(out_dir, concept, method, edit, edit_path, result, attack_files, re
         "    report/  (the evaluation report and its image grids)",
         f"    {grid.name}  (rows: attacked prompts; columns: original, erased, adversarial)",
     ]
-    return {"out": str(out_dir), "concept": concept, "method": method, "edit": str(edit_path),
+    return {"out": str(out_dir), "model": model, "concept": concept, "method": method, "edit": str(edit_path),
             "edit_bytes": edit.nbytes(), "erase_wall_time_s": m.get("wall_time_s"),
             "attack": atk, "attack_files": [str(p) for p in attack_files], "report": str(out_dir / "report"),
             "scores": scores, "grid": str(grid), "wall_time_s": round(wall, 2), "_lines": lines}

@@ -174,7 +174,7 @@ def cmd_eval(args, out: Output) -> int:
     targets = args.target or (edit.manifest.get("concepts") if edit is not None else None)
     out.info(f"evaluating ({args.protocol}) ...")
     report = evaluate(pipe, edit=edit, protocol=args.protocol, targets=targets, judge=judge,
-                      out_dir=Path(args.out), progress=out.progress)
+                      out_dir=Path(args.out), progress=out.progress, edit_path=args.edit)
     summary = report.summary() if callable(getattr(report, "summary", None)) else {}
     out.result({"out": str(args.out), **summary},
                [f"evaluation ({args.protocol}): " + _fmt_summary(summary), f"  wrote {args.out}"])
@@ -185,7 +185,7 @@ def cmd_demo(args, out: Output) -> int:
     from .demo import run_demo
 
     summary = run_demo(out_dir=Path(args.out), concept=args.concept, method=args.method, model=args.model,
-                       device=resolve_device(args.device), dtype=args.dtype, output=out)
+                       device=resolve_device(args.device), dtype=args.dtype, output=out, n_prompts=args.prompts)
     out.result(summary, summary.pop("_lines", []))
     return EXIT_OK
 
@@ -370,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
             "with UnlearnDiffAtk, evaluate it, write a report folder", (common, model))
     p.add_argument("--concept", default="Van_Gogh", help="the style or object to erase (default Van_Gogh)")
     p.add_argument("--method", default="rece", help="erasure method (default rece)")
+    p.add_argument("--prompts", type=int, default=4, help="captions of the concept to attack (default 4)")
     p.add_argument("--out", default="erasekit-demo", help="output folder (default ./erasekit-demo)")
 
     p = add("preview", cmd_preview, "start the Gradio preview (original vs erased, attack on demand)")

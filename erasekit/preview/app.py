@@ -160,7 +160,8 @@ def build_app(model: str = "canvas-mini", edit: str | None = None, report: str |
             with gr.Row():
                 report_box = gr.Textbox(str(report or ""), label="Report folder", elem_id="report-dir", scale=4)
                 load_btn = gr.Button("Show report", elem_id="load-report", scale=1)
-            gallery = gr.Gallery(label="Image grids", columns=2, format="png", elem_id="report-grids")
+            gallery = gr.Gallery(label="Image grids", columns=2, format="png", object_fit="contain", height=420,
+                                 elem_id="report-grids")
             report_md = gr.Markdown(elem_id="report-text")
         inputs = [model_box, edit_box, method_box, concept_box, prompt_box, seed_box]
         generate_btn.click(_guard(session.compare), inputs, [original, erased, status])
