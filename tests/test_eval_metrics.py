@@ -103,9 +103,11 @@ def test_sharded_states_sum_to_the_single_metric():
 def test_evaluate_scores_a_perfect_painter(tmp_path):
     from erasekit.eval import evaluate
 
+    attack = {"asr": 40.0, "pre_asr": 10.0, "prompts": [{"prompt": "..."}]}
     r = evaluate(PaintPipe(), protocol=tiny_protocol(), judge=ColourJudge(), targets=["Mosaic"], fid=False,
-                 clip=False, cache_dir=None, progress=False, out_dir=tmp_path)
+                 clip=False, cache_dir=None, progress=False, out_dir=tmp_path, attack=attack)
     assert r.scores["UA"] == 0.0 and r.scores["IRA"] == 100.0 and r.scores["CRA"] == 100.0
+    assert r.asr == [{"asr": 40.0, "pre_asr": 10.0}]  # scalars recorded, bulky per-prompt rows left out
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["protocol"]["sampling"]["steps"] == 2 and saved["protocol"]["seeding"]
     assert saved["scores"]["targets"]["Mosaic"]["IRA_photo_included"] == 100.0

@@ -176,5 +176,5 @@ def load_canvas_clip(path: str | Path = ASSETS / "canvas-clip"):
     model = build_clip({k: cfg[k] for k in ("embed_dim", "vision_cfg", "text_cfg")})
     model.load_state_dict({k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()})
     return ClipEncoder(model.eval(), open_clip.tokenize, image_size=cfg["vision_cfg"]["image_size"],
-                       mean=tuple(cfg["image_mean"]), std=tuple(cfg["image_std"]),
-                       name=f"canvas-clip ({path.name})")
+                       mean=tuple(cfg["image_mean"]), std=tuple(cfg["image_std"]), name="canvas-clip",
+                       source=str(path))

@@ -36,6 +36,7 @@ class ClipEncoder:
     name: str = "open_clip"
     preprocess: Callable | None = None
     batch_size: int = 256
+    source: str = ""  # where the weights came from (recorded in reports)
 
     @classmethod
     def from_open_clip(cls, model_name: str, pretrained: str, device: str = "cpu") -> "ClipEncoder":
@@ -45,7 +46,7 @@ class ClipEncoder:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
                                                                      device=device)
         return cls(model.eval(), open_clip.get_tokenizer(model_name), name=f"open_clip {model_name}",
-                   preprocess=preprocess)
+                   preprocess=preprocess, source=str(pretrained))
 
     @property
     def device(self) -> torch.device:
@@ -98,7 +99,8 @@ class ClipEncoder:
         return 100.0 * (self.encode_images(images) * text[idx]).sum(-1)
 
     def describe(self) -> dict:
-        return {"model": self.name, "image_size": self.image_size, "embed_dim": self.embed_dim, "scale": SCALE}
+        return {"model": self.name, "weights": self.source, "image_size": self.image_size,
+                "embed_dim": self.embed_dim, "scale": SCALE}
 
 
 class _TorchmetricsModel(torch.nn.Module):

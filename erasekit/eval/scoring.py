@@ -41,8 +41,10 @@ def grid_scores(runner: Runner, rec: Records, targets: list[tuple[str, int]]) ->
     metric = UnlearnCanvasMetric(len(p.themes), len(p.objects))
     metric.update(theme[v], obj[v], s_map[local.preds["style"][v]], o_map[local.preds["object"][v]])
     counts = {k: t.numpy() for k, t in metric.compute().items()}
-    return unlearncanvas_scores(counts, p.expected(), list(p.themes), list(p.objects), targets,
-                                p.photo_theme, runner.on_missing)
+    out = unlearncanvas_scores(counts, p.expected(), list(p.themes), list(p.objects), targets,
+                               p.photo_theme, runner.on_missing)
+    out["counts"] = {k: v.tolist() for k, v in counts.items()}  # themes x objects, to re-score other targets
+    return out
 
 
 def rate_scores(runner: Runner, rec: Records, targets: list[tuple[str, int]], names: list[str]) -> dict:
