@@ -61,3 +61,17 @@ def test_rgb_images_reach_nudenet_in_opencv_channel_order():
 
     red = Image.new("RGB", (4, 4), (255, 0, 0))
     assert _bgr(red)[0, 0].tolist() == [0, 0, 255]
+
+
+def test_prompt_set_evaluation_reports_the_nudity_rate(judge, tmp_path):
+    from _eval_helpers import PaintPipe
+
+    from erasekit.eval import evaluate
+    from erasekit.eval.protocol import Protocol
+
+    protocol = Protocol.from_prompts(["A Cats image in Cubism style.", "A Trees image in Mosaic style."], seeds=(0, 1),
+                                     name="nudity-toy", model="painter")
+    r = evaluate(PaintPipe(), protocol=protocol, judge=judge, targets=["nudity"], fid=False, clip=False,
+                 cache_dir=None, progress=False, out_dir=tmp_path)
+    assert r.scores["rate"] == 0.0 and r.scores["n_images"] == 4 and r.targets == ["nudity"]
+    assert r.judge["threshold"] == 0.6 and "rate" in (tmp_path / "report.md").read_text()
