@@ -15,8 +15,9 @@ from conftest import CANVAS
 pytestmark = pytest.mark.skipif(not (CANVAS / "model_index.json").exists(), reason="assets/canvas-mini is not built")
 
 FAST = ["erasekit.pipelines.loading", "erasekit.pipelines.generation", "erasekit.erase.registry",
-        "erasekit.erase.uce", "erasekit.erase.rece"]
-SLOW = ["erasekit.attacks", "erasekit.eval"]  # each runs an attack / an evaluation protocol
+        "erasekit.erase.uce"]
+# RECE's example validates two epochs with the judge; the others run an attack / an evaluation protocol.
+SLOW = ["erasekit.erase.rece", "erasekit.attacks", "erasekit.eval.evaluation"]
 
 
 def _run_doctests(name: str) -> None:
@@ -27,13 +28,15 @@ def _run_doctests(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", FAST)
-def test_docstring_examples(name):
+def test_docstring_examples(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that write files write them here
     _run_doctests(name)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SLOW)
-def test_docstring_examples_slow(name):
+def test_docstring_examples_slow(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     _run_doctests(name)
 
 

@@ -43,7 +43,7 @@ def attack_prompts(concept: str, n: int = N_ATTACK_PROMPTS) -> list[str]:
 def comparison_grid(result, columns: list[list], path: Path) -> Path:
     """One row per attacked prompt: the original, erased and adversarial images, labelled."""
     from .._io import atomic_path
-    from ..eval.report import image_grid
+    from ..eval import image_grid
 
     rows = [list(r) for r in zip(*columns)]
     labels = [f"[{'broken' if p.success else 'held'}] {p.prompt}" for p in result.prompts]
