@@ -205,7 +205,7 @@ def cmd_bench(args, out: Output) -> int:
     scripts = sorted(p for p in root.glob("*.py") if not p.name.startswith("_")) if root.is_dir() else []
     if not scripts:
         raise ConfigError(f"no benchmarks found in {root}: run `erasekit bench` from a full checkout")
-    names = {p.stem.removeprefix("bench_"): p for p in scripts}
+    names = dict(sorted((p.stem.removeprefix("bench_"), p) for p in scripts))
     args.name = [n.removeprefix("bench_") for n in args.name]
     unknown = [n for n in args.name if n not in names]
     if unknown:
