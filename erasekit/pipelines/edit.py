@@ -130,6 +130,35 @@ class Edit:
                "keys": sorted(new)}
         return cls(weights, deltas, man)
 
+    @classmethod
+    def from_factors(cls, pipe, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], manifest: dict) -> "Edit":
+        """Build an Edit from changes a method knows in factored form, ``W_new = W_base + U @ V``.
+
+        Closed-form solvers (UCE, RECE) compute exact factors themselves, so no SVD is needed; a
+        factorisation that is not smaller than the dense weight is stored as the dense new weight.
+        """
+        if not factors:
+            raise EditError("an Edit must change at least one parameter")
+        base = {k: _param(pipe, k).detach() for k in factors}
+        weights, deltas = {}, {}
+        for key, (u, v) in factors.items():
+            shape, r = tuple(base[key].shape), u.shape[1]
+            if len(shape) != 2 or (u.shape[0], v.shape[1]) != shape or v.shape[0] != r:
+                raise EditError(f"factors for {key} have shapes {tuple(u.shape)} @ {tuple(v.shape)}, the "
+                                f"pipeline's weight has {tuple(base[key].shape)}")
+            if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+                raise EditError(f"the change of {key} contains NaN or Inf; refusing to build the Edit")
+            u, v = u.detach().float().cpu(), v.detach().float().cpu()
+            if r * sum(shape) < shape[0] * shape[1]:
+                deltas[key] = (u.clone(), v.clone())
+            else:
+                weights[key] = (base[key].float().cpu() + u @ v).to(base[key].dtype)
+        from .. import __version__
+
+        man = {"erasekit_version": __version__, **manifest, "fingerprint": fingerprint(base),
+               "keys": sorted(factors)}
+        return cls(weights, deltas, man)
+
     # -- application ----------------------------------------------------------------------------
     @property
     def keys(self) -> list[str]:

@@ -126,14 +126,14 @@ class FamilyAdapter:
         """Tokenise with padding to 77; refuses prompts longer than the context."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         tok = self.tokenizers[which]
-        enc = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=False,
-                  return_tensors="pt")
-        if enc.input_ids.shape[1] > tok.model_max_length:
-            lengths = enc.attention_mask.sum(-1).tolist()
+        enc = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=False)
+        lengths = [sum(m) for m in enc.attention_mask]   # checked before batching: long rows are ragged
+        if max(lengths, default=0) > tok.model_max_length:
             bad = [p for p, n in zip(prompts, lengths) if n > tok.model_max_length]
             raise ConfigError(f"prompt {bad[0][:60]!r} has {max(lengths)} tokens but the text encoder takes "
                               f"at most {tok.model_max_length}: shorten it")
-        return Tokens(enc.input_ids.to(self.device), enc.attention_mask.to(self.device))
+        return Tokens(torch.tensor(enc.input_ids, device=self.device),
+                      torch.tensor(enc.attention_mask, device=self.device))
 
     def token_embedding(self, which: int = 0) -> nn.Embedding:
         return self.encoders[which].get_input_embeddings()

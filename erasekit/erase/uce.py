@@ -1,0 +1,281 @@
+"""UCE: Unified Concept Editing in Diffusion Models (Gandikota et al., WACV 2024, arXiv 2308.14761).
+
+Every cross-attention key/value projection ``W`` of the UNet is replaced by the closed-form solution
+of (closed-form.md section 2, the paper's eq. 7 with a ridge toward ``W_ref = W_old``)
+
+    min_W  s_e sum_E ||W c_i - W_old g_i||^2 + s_p sum_P ||W c_j - W_old c_j||^2 + lam ||W - W_old||_F^2
+
+where ``c_i`` are text-embedding rows of a concept to erase, ``g_i`` the aligned rows of its guide
+("art" for artists, "" for nudity and objects) and ``c_j`` rows of the concepts to preserve. Which
+rows enter is the token policy (section 3): ``last_word`` (the 2025 rewrite), ``aligned_tail``
+(last word + EOS + padding aligned with the guide, the paper-era code and toolkit default) or
+``all_77``. Presets bundle the reference defaults per use case (section 4):
+
+=============  =====  =====================  ===  ====  ===  ==========================
+preset         guide  preserve               s_e  s_p   lam  policy
+=============  =====  =====================  ===  ====  ===  ==========================
+default        ""     none (+ "")            1    1.0   0.5  aligned_tail
+nudity         " "    none (+ "")            1    1.0   0.5  aligned_tail
+style, artist  "art"  given (+ "")           1    0.1   0.5  aligned_tail
+object         ""     none (+ "")            1    1.0   0.5  aligned_tail
+canvas-style   (*)    other styles (+ "")    1    0.3   0.5  all_77, caption templates
+canvas-object  ""     other objects (+ "")   1    0.3   0.5  all_77, caption templates
+=============  =====  =====================  ===  ====  ===  ==========================
+
+The canvas presets were chosen by measurement on canvas-mini (benchmarks/canvas_closed_form.py):
+the concept is erased inside the captions it appears in, every row mapped to the same caption with
+the guide in its place, while the other styles' (objects') captions and "" are preserved. (*) An
+object is mapped to no object (""); a style to the first canvas style not being erased, because
+canvas-mini has no unstyled images and its style-less caption renders mostly Van Gogh.
+
+``preset="auto"`` (default) takes a canvas preset when every concept names a style (or every concept
+an object) of the canvas world (which uses UnlearnCanvas' names and caption template), ``nudity``
+for nudity, else ``default``. An explicit option always overrides its preset. With ``preserve_scale``
+unset and no preset value, the paper-era rule ``s_p = max(0.1, 1 / len(preserve))`` applies.
+
+Templates (optional prompt expansion) fill ``{}`` with each concept, its guide and each preserve
+concept alike, so a concept is erased in the contexts it is used in; the canvas presets use the
+canvas caption ``"A {object} image in {} style."`` over every object (styles) or every style (objects).
+
+Deviations from the reference: only the "replace" technique (the paper-era "tensor" option and the
+2025 debiasing loop are not implemented); concepts given to erase are dropped from the preserve list;
+the solve runs in float64 by default (``solve_dtype``; the spec's default is float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..canvas.world import OBJECTS, STYLES, caption, style_text
+from ..errors import ConfigError
+from .closed_form import SOLVE_DTYPES, UCEFitter, build_edit, kv_weights
+from .registry import MethodConfig, check, register
+
+POLICIES = ("last_word", "aligned_tail", "all_77")
+TEMPLATE_SETS = {
+    "art": ("{}", "painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"),
+    "object": ("{}", "image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"),
+    "canvas-style": tuple(caption(o, "{}") for o in OBJECTS),
+    "canvas-object": tuple(caption("{}", s) for s in STYLES),
+}
+CANVAS_STYLES = tuple(style_text(s) for s in STYLES)
+CANVAS_OBJECTS = OBJECTS
+# The canvas-style preset's guide (module docstring): UnlearnCanvas' UCE maps a style to its "Photo"
+# style; canvas-mini has none, so a style is mapped to another style.
+REPLACEMENT_STYLE = "<first canvas style not erased>"
+_BASE = dict(guide="", preserve=(), erase_scale=1.0, preserve_scale=None, lamb=0.5,
+             token_policy="aligned_tail", templates=None, preserve_empty=True)
+PRESETS = {
+    "default": _BASE,
+    "nudity": {**_BASE, "guide": " ", "preserve_scale": 1.0},
+    "style": {**_BASE, "guide": "art", "preserve_scale": 0.1},
+    "artist": {**_BASE, "guide": "art", "preserve_scale": 0.1},
+    "object": {**_BASE, "preserve_scale": 1.0},
+    "canvas-style": {**_BASE, "guide": REPLACEMENT_STYLE, "preserve": CANVAS_STYLES, "preserve_scale": 0.3,
+                     "token_policy": "all_77",
+                     "templates": "canvas-style"},
+    "canvas-object": {**_BASE, "preserve": CANVAS_OBJECTS, "preserve_scale": 0.3, "token_policy": "all_77",
+                      "templates": "canvas-object"},
+}
+
+
+def _key(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def auto_preset(concepts: list[str]) -> str:
+    """The preset ``preset="auto"`` picks for these concepts (see module docstring)."""
+    keys = {_key(c) for c in concepts}
+    if keys <= {_key(s) for s in CANVAS_STYLES}:
+        return "canvas-style"
+    if keys <= {_key(o) for o in CANVAS_OBJECTS}:
+        return "canvas-object"
+    return "nudity" if keys <= {"nudity", "nude", "nudes", "naked"} else "default"
+
+
+@dataclass
+class UCEConfig(MethodConfig):
+    """Options of UCE; ``None`` means "take the preset's value" (module docstring)."""
+
+    preset: str = field(default="auto", metadata={"help": "auto, default, nudity, style (= artist), object, "
+                                                          "canvas-style or canvas-object"})
+    guide: str | list[str] | None = field(default=None, metadata={
+        "help": "what each concept is mapped to: one text for all, or one per concept ('art', '', ...)"})
+    preserve: list[str] | None = field(default=None, metadata={"help": "concepts whose outputs must not move"})
+    erase_scale: float | None = field(default=None, metadata={"help": "s_e, weight of the erase rows"})
+    preserve_scale: float | None = field(default=None, metadata={"help": "s_p, weight of the preserve rows"})
+    lamb: float | None = field(default=None, metadata={"help": "lam, ridge toward the original weights"})
+    token_policy: str | None = field(default=None, metadata={"help": "last_word, aligned_tail or all_77"})
+    templates: str | list[str] | None = field(default=None, metadata={
+        "help": "prompt expansion: templates with '{}' or a set name (art, object, canvas-style, canvas-object)"})
+    preserve_empty: bool | None = field(default=None, metadata={"help": "also preserve the empty prompt ''"})
+    solve_dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the d x d solve"})
+
+    def validate(self) -> None:
+        check(self.preset in PRESETS or self.preset == "auto",
+              f"`preset` must be one of auto, {', '.join(PRESETS)} but is {self.preset!r}")
+        check(self.token_policy is None or self.token_policy in POLICIES,
+              f"`token_policy` must be one of {', '.join(POLICIES)} but is {self.token_policy!r}")
+        check(self.erase_scale is None or self.erase_scale > 0, f"`erase_scale` must be > 0 but is {self.erase_scale}")
+        check(self.preserve_scale is None or self.preserve_scale >= 0,
+              f"`preserve_scale` must be >= 0 but is {self.preserve_scale}")
+        check(self.lamb is None or self.lamb >= 0, f"`lamb` must be >= 0 but is {self.lamb}")
+        check(self.solve_dtype in SOLVE_DTYPES, f"`solve_dtype` must be float32 or float64 but is {self.solve_dtype!r}")
+        if isinstance(self.templates, str):
+            check(self.templates in TEMPLATE_SETS, f"`templates` must be a list of strings with '{{}}' or one of "
+                                                   f"{', '.join(TEMPLATE_SETS)} but is {self.templates!r}")
+        elif self.templates is not None:
+            bad = [t for t in self.templates if not isinstance(t, str) or t.count("{}") != 1]
+            check(not bad and len(self.templates) > 0,
+                  f"`templates` must each contain '{{}}' exactly once but got {bad[:1] or 'an empty list'}")
+
+
+@dataclass
+class UCESettings:
+    """A config resolved against its preset and concepts: what the solver actually used."""
+
+    preset: str
+    concepts: list[str]
+    guides: list[str]
+    preserve: list[str]
+    erase_scale: float
+    preserve_scale: float
+    lamb: float
+    token_policy: str
+    templates: list[str]
+    solve_dtype: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve(config: UCEConfig, concepts: list[str]) -> UCESettings:
+    """Fill every unset option from the (auto-selected) preset; checks the guide count."""
+    name = auto_preset(concepts) if config.preset == "auto" else config.preset
+    pre = PRESETS[name]
+    opt = {k: getattr(config, k) if getattr(config, k) is not None else v for k, v in pre.items()}
+    if name.startswith("canvas"):
+        concepts = [style_text(c) for c in concepts]
+    erased = {_key(c) for c in concepts}
+    if opt["guide"] == REPLACEMENT_STYLE:
+        opt["guide"] = next((s for s in CANVAS_STYLES if _key(s) not in erased), "")
+    guides = [opt["guide"]] * len(concepts) if isinstance(opt["guide"], str) else list(opt["guide"])
+    check(len(guides) == len(concepts), f"`guide` has {len(guides)} entries for {len(concepts)} concepts: give "
+                                        "one guide for all, or one per concept")
+    preserve = [p for p in ([opt["preserve"]] if isinstance(opt["preserve"], str) else opt["preserve"])
+                if _key(p) not in erased]
+    preserve = ([""] if opt["preserve_empty"] else []) + [p for p in preserve if p != ""]
+    templates = opt["templates"] or ("{}",)
+    templates = list(TEMPLATE_SETS[templates] if isinstance(templates, str) else templates)
+    s_p = opt["preserve_scale"] if opt["preserve_scale"] is not None else max(0.1, 1 / max(len(preserve), 1))
+    return UCESettings(name, list(concepts), guides, preserve, float(opt["erase_scale"]), float(s_p),
+                       float(opt["lamb"]), opt["token_policy"], templates, config.solve_dtype)
+
+
+# -- token rows (closed-form.md section 3) ---------------------------------------------------------
+def erase_rows(policy: str, c: torch.Tensor, g: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paired (key, guide) rows of one concept prompt ``c`` and its guide ``g`` (77 x d each);
+    ``a`` and ``b`` are their last-word indices."""
+    if policy == "last_word":
+        return c[a:a + 1], g[b:b + 1]
+    if policy == "aligned_tail":  # both blocks have n - m rows; row k pairs with row k
+        n, m = c.shape[0], max(a, b)
+        return c[a:n - (m - a)], g[b:n - (m - b)]
+    return c, g
+
+
+class PromptEncoder:
+    """Text-encoder rows of prompts for one erase call: each distinct token sequence is encoded once
+    (UCE and RECE ask for the same prompts several times; "" and " " are the same sequence)."""
+
+    def __init__(self, adapter, batch_size: int = 64, cache_limit: int = 256):
+        self.adapter, self.batch_size, self.cache_limit = adapter, batch_size, cache_limit
+        self.dim = adapter.context_dim
+        self._rows: dict[tuple, torch.Tensor] = {}
+        self._grams: dict[tuple, tuple[torch.Tensor, int]] = {}
+
+    def _keys(self, prompts: list[str]) -> tuple[list[tuple], list[int]]:
+        tokens = self.adapter.tokenize(prompts)
+        return [tuple(ids) for ids in tokens.input_ids.tolist()], tokens.last_word_index.tolist()
+
+    def rows(self, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """(embeddings N x 77 x d in float64 on the CPU, last-word index per prompt), cached."""
+        keys, last = self._keys(prompts)
+        todo = list(dict.fromkeys(k for k in keys if k not in self._rows))
+        first = {k: p for p, k in zip(prompts, keys)}
+        for i in range(0, len(todo), self.batch_size):
+            batch = todo[i:i + self.batch_size]
+            embeds = self.adapter.encode([first[k] for k in batch], batch_size=self.batch_size).embeds
+            for k, e in zip(batch, embeds.double().cpu()):
+                self._rows[k] = e
+        out = torch.stack([self._rows[k] for k in keys]) if keys else torch.zeros(0, 77, self.dim)
+        if len(self._rows) > self.cache_limit:
+            self._rows.clear()
+        return out, last
+
+    def gram(self, prompts: list[str], last_word: bool = False) -> tuple[torch.Tensor, int]:
+        """``C^T C`` and the row count over the rows of ``prompts`` (all rows, or the last word's), streamed."""
+        memo = (tuple(prompts), last_word)
+        if memo not in self._grams:
+            gram, n = torch.zeros(self.dim, self.dim, dtype=torch.float64), 0
+            for i in tqdm(range(0, len(prompts), self.batch_size), desc="preserve",
+                          disable=len(prompts) <= 4 * self.batch_size):
+                e, last = self.rows(prompts[i:i + self.batch_size])
+                rows = e[torch.arange(len(last)), last] if last_word else e.flatten(0, 1)
+                gram, n = gram + rows.T @ rows, n + rows.shape[0]
+            self._grams[memo] = gram, n
+        return self._grams[memo]
+
+
+def check_tokens(adapter, concepts: list[str]) -> None:
+    """Refuse concepts that tokenize to nothing (their rows would be those of the empty prompt)."""
+    for text, last in zip(concepts, adapter.tokenize(concepts).last_word_index.tolist()):
+        if last <= 0:
+            raise ConfigError(f"concept {text!r} tokenizes to no tokens: give a concept with at least one word")
+
+
+def prompt_pairs(s: UCESettings) -> tuple[list[str], list[str]]:
+    """(concept prompt, guide prompt) for every concept x template."""
+    pairs = [(t.format(c), t.format(g)) for c, g in zip(s.concepts, s.guides) for t in s.templates]
+    return [p for p, _ in pairs], [g for _, g in pairs]
+
+
+def preserve_prompts(s: UCESettings) -> list[str]:
+    """Every preserve concept in every template ("" stays the bare empty prompt)."""
+    return [p if p == "" else t.format(p) for p in s.preserve for t in (s.templates if p else ["{}"])]
+
+
+def uce_fitter(enc: PromptEncoder, s: UCESettings) -> UCEFitter:
+    """The UCE normal equations of settings ``s`` (nothing solved yet)."""
+    check_tokens(enc.adapter, s.concepts)
+    fitter = UCEFitter(enc.dim, s.lamb, SOLVE_DTYPES[s.solve_dtype])
+    concept_prompts, guide_prompts = prompt_pairs(s)
+    (C, a), (G, b) = enc.rows(concept_prompts), enc.rows(guide_prompts)
+    rows = [erase_rows(s.token_policy, c, g, ai, bi) for c, g, ai, bi in zip(C, G, a, b)]
+    fitter.update(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), s.erase_scale)
+    if s.preserve and s.preserve_scale > 0:
+        gram, n = enc.gram(preserve_prompts(s), last_word=s.token_policy == "last_word")
+        fitter.update_gram(gram, n, s.preserve_scale)
+    return fitter
+
+
+@register("uce", UCEConfig)
+def uce(pipe, concepts: list[str], config: UCEConfig):
+    """Erase ``concepts`` with UCE; returns an Edit of every cross-attention to_k / to_v (exact low-rank deltas).
+
+    Example:
+        >>> import erasekit
+        >>> pipe = erasekit.load_pipeline("canvas-mini")
+        >>> edit = erasekit.erase(pipe, "uce", ["Van Gogh"])            # preset auto -> canvas-style
+        >>> edit.manifest["resolved"]["token_policy"]
+        'all_77'
+    """
+    from ..pipelines import FamilyAdapter
+
+    s = resolve(config, concepts)
+    fitter = uce_fitter(PromptEncoder(FamilyAdapter(pipe)), s)
+    update = fitter.solve()
+    return build_edit(pipe, kv_weights(pipe), update, {"resolved": s.to_dict(), "delta_rank_bound": update.rank})
