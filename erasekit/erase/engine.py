@@ -398,13 +398,16 @@ class Trainer:
     def _edit(self, manifest: dict):
         from ..pipelines.edit import Edit
 
-        new = {}
+        # Hand the original tensors back to the pipeline and keep the trained ones (no extra copy).
+        trained = {key: p.data for key, p in self.params.items()}
         for key, p in self.params.items():
-            orig = self._originals[key]
-            w = p.detach().to(orig.dtype)
-            if not torch.equal(w, orig):
-                new[key] = w.clone()
+            p.data = self._originals[key]
         self.restore()
+        new = {}
+        for key, w in trained.items():
+            orig = self._originals[key]
+            if not torch.equal(w.to(orig.dtype), orig):
+                new[key] = w.to(orig.dtype)
         if not new:
             raise TrainingError("training changed no weight (lr 0, or a mask that keeps nothing); "
                                 "raise lr or the mask ratio")

@@ -21,6 +21,11 @@ the original weights, as the diffusers rewrite does and as issue 5 asks (default
 ``sampler="trained"`` samples with the weights being trained, as the paper-era CompVis script does.
 (Deviation: esd.md's toolkit table defaults to "trained"; the issue wins.)
 
+Prompts: the reference conditions on the concept text itself and, for several concepts, samples
+one per iteration; here one prompt is sampled per iteration from ``prompts`` (default: each concept
+itself; for a canvas style or object, its ten UnlearnCanvas captions ``"A {object} image in
+{style} style."``, because canvas-mini's text encoder has only ever seen captions).
+
 Parameter sets (esd.md section 3, :mod:`erasekit.erase.param_sets`): ``esd-x`` (cross-attention,
 default; styles, objects, celebrities), ``esd-u`` (everything else; nudity and global concepts),
 ``esd-x-strict``, ``full``, and the paper-era ``xattn`` / ``noxattn``.
@@ -51,6 +56,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .data import concept_prompts
 from .engine import TrainConfig, Trainer
 from .param_sets import select_params
 from .registry import check, register
@@ -77,6 +83,8 @@ class ESDConfig(TrainConfig):
     ddim_steps: int | None = field(default=None, metadata={"help": "DDIM steps of the x_t schedule"})
     sample_guidance: float | None = field(default=None, metadata={"help": "CFG scale when sampling x_t"})
     erase_from: str | None = field(default=None, metadata={"help": "erase the concept from this broader one"})
+    prompts: list[str] | None = field(default=None, metadata={
+        "help": "prompts c that carry the concepts (default: each concept itself; canvas labels: their captions)"})
 
     def validate(self) -> None:
         super().validate()
@@ -86,6 +94,9 @@ class ESDConfig(TrainConfig):
         check(self.ddim_steps is None or self.ddim_steps >= 1, f"`ddim_steps` must be >= 1 but is {self.ddim_steps}")
         check(self.sample_guidance is None or self.sample_guidance >= 0,
               f"`sample_guidance` must be >= 0 but is {self.sample_guidance}")
+        check(self.prompts is None or (isinstance(self.prompts, list) and self.prompts
+                                       and all(isinstance(p, str) and p.strip() for p in self.prompts)),
+              f"`prompts` must be a non-empty list of prompts but is {self.prompts!r}")
         check(self.eta >= 0, f"`eta` must be >= 0 (paper convention; the rewrite's value minus 1) but is {self.eta}")
 
     def resolved(self, pipe) -> dict:
@@ -135,10 +146,11 @@ def esd(pipe, concepts: list[str], config: ESDConfig):
 
     opts = config.resolved(pipe)
     source = config.erase_from
-    ctx = FamilyAdapter(pipe).encode(["", *concepts] + ([source] if source else []))  # encoded once
+    prompts = config.prompts or [p for c in concepts for p in concept_prompts(c)]
+    ctx = FamilyAdapter(pipe).encode(["", *prompts] + ([source] if source else []))  # encoded once
     uncond, c_from = ctx[0:1], (ctx[-1:] if source else None)
-    # Per concept: the contexts the frozen model is queried with, in the order ("", c, c_from).
-    queries = [Context.cat([uncond, ctx[1 + j:2 + j]] + ([c_from] if source else [])) for j in range(len(concepts))]
+    # Per prompt: the contexts the frozen model is queried with, in the order ("", c, c_from).
+    queries = [Context.cat([uncond, ctx[1 + j:2 + j]] + ([c_from] if source else [])) for j in range(len(prompts))]
     unet, sched = pipe.unet, _ddim(pipe, opts["ddim_steps"])
     shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
@@ -153,7 +165,7 @@ def esd(pipe, concepts: list[str], config: ESDConfig):
         sampler = predict_frozen if config.sampler == "frozen" else predict_trained
 
         def loss_fn(i: int) -> torch.Tensor:
-            query = queries[int(torch.randint(len(concepts), (1,), generator=tr.rng))]
+            query = queries[int(torch.randint(len(queries), (1,), generator=tr.rng))]
             trained_on = query[2:3] if source else query[1:2]  # the trained model's condition
             k = int(torch.randint(opts["ddim_steps"], (1,), generator=tr.rng))
             z = torch.randn(shape, generator=tr.rng).to(tr.device) * sched.init_noise_sigma
@@ -165,4 +177,4 @@ def esd(pipe, concepts: list[str], config: ESDConfig):
             e_n = unet(z, t, **trained_on.unet_kwargs(pipe)).sample
             return F.mse_loss(e_n.float(), target)
 
-        return tr.fit(loss_fn, manifest={"resolved": opts, "eta_convention": "paper"})
+        return tr.fit(loss_fn, manifest={"resolved": opts, "eta_convention": "paper", "prompts": prompts})

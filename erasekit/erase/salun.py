@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .data import LatentSet, cycle_indices, folder_set, generate_set
+from .data import LatentSet, canvas_label, cycle_indices, folder_set, generate_set
 from .engine import TrainConfig, Trainer
 from .param_sets import select_params
 from .registry import check, register
@@ -116,21 +116,10 @@ class Plan:
         return self.pseudo
 
 
-def _canvas_label(concept: str):
-    from ..canvas.world import OBJECTS, STYLES, check_label
-
-    for kind, labels in (("style", STYLES), ("object", OBJECTS)):
-        try:
-            return kind, labels[check_label(concept, labels, kind)]
-        except ValueError:
-            pass
-    return None
-
-
 def _canvas_plan(concepts: list[str], pseudo: str | None) -> Plan:
     from ..canvas.world import OBJECTS, STYLES, caption
 
-    targets = {_canvas_label(c) for c in concepts}
+    targets = {canvas_label(c) for c in concepts}
     lists = {"style": STYLES, "object": OBJECTS}
 
     def swap(kind, label):  # the fixed next label that is not itself a target (SalUn's next class)
@@ -156,14 +145,14 @@ def make_plan(concepts: list[str], config: SalUnConfig) -> Plan:
     """Resolve ``preset`` and the prompts of D_f, D_r and the pseudo mapping."""
     preset = config.preset
     if preset == "auto":
-        if all(_canvas_label(c) for c in concepts) and not (config.forget_prompts or config.forget_dir):
+        if all(canvas_label(c) for c in concepts) and not (config.forget_prompts or config.forget_dir):
             preset = "canvas"
         elif [c.lower() for c in concepts] == ["nudity"]:
             preset = "nudity"
         else:
             preset = "custom"
     if preset == "canvas":
-        if not all(_canvas_label(c) for c in concepts):
+        if not all(canvas_label(c) for c in concepts):
             raise ConfigError(f"preset 'canvas' needs canvas styles or objects as concepts, got {concepts}")
         return _canvas_plan(concepts, config.pseudo)
     if preset == "nudity":
