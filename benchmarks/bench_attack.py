@@ -4,6 +4,7 @@
     python benchmarks/bench_attack.py --erasers uce --styles Van_Gogh Pop_Art Ukiyoe Cubism --objects 5
     python benchmarks/bench_attack.py --skip-efficacy                   # batching only
     python benchmarks/bench_attack.py --model runs/canvas/pipeline --judge runs/canvas/judge
+    python benchmarks/bench_attack.py --edit-cache /tmp/edits          # erase once, reuse the Edits
 
 Efficacy and cost (one run): for each eraser (UCE, ESD) and style, erase the style from canvas-mini,
 take the captions "A {object} image in {style} style." for the first ``--objects`` objects at seed 0,
@@ -38,13 +39,23 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STYLES = ("Van_Gogh", "Pop_Art", "Ukiyoe", "Cubism")
 
 
-def make_edit(pipe, eraser: str, style: str, options: dict):
+def make_edit(pipe, eraser: str, style: str, options: dict, cache: str | None):
+    """Erase ``style`` (or load the Edit an earlier run saved in ``cache``); returns (edit, seconds or None)."""
     import erasekit
     from erasekit.canvas.world import style_text
+    from erasekit.pipelines import Edit
 
+    path = Path(cache) / f"{eraser}_{style}.safetensors" if cache else None
+    if path is not None and path.exists():
+        edit = Edit.load(path, pipe)
+        if edit.manifest.get("config", {}) | options == edit.manifest.get("config", {}):
+            return edit, None
     t0 = time.perf_counter()
     edit = erasekit.erase(pipe, eraser, [style_text(style)], **options)
-    return edit, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        edit.save(path)
+    return edit, seconds
 
 
 def efficacy(pipe, judge, args) -> dict:
@@ -62,7 +73,7 @@ def efficacy(pipe, judge, args) -> dict:
     for eraser in args.erasers:
         rows, pooled = [], {name: [] for name in runs}
         for style in args.styles:
-            edit, erase_s = make_edit(pipe, eraser, style, _options(args.erase_option))
+            edit, erase_s = make_edit(pipe, eraser, style, _options(args.erase_option), args.edit_cache)
             prompts = [caption(o, style) for o in OBJECTS[:args.objects]]
             seeds = [0] * len(prompts)
             targets = generate(pipe, prompts, seeds)  # the original model, shared by every attack below
@@ -71,7 +82,8 @@ def efficacy(pipe, judge, args) -> dict:
                 res = attack(pipe, prompts, style, judge=judge, seeds=seeds, edit=edit, target_images=targets,
                              progress=args.progress, **kw)
                 pooled[name].extend(res.prompts)
-                rows.append({"style": style, "attack": name, "erase_s": round(erase_s, 2), **res.summary()})
+                rows.append({"style": style, "attack": name, "erase_s": erase_s and round(erase_s, 2),
+                             **res.summary()})
                 print(f"  {eraser:4s} {style:14s} {name:13s} pre-ASR {res.pre_asr:5.1f}%  ASR {res.asr:5.1f}%  "
                       f"cost {res.summary()['mean_cost_unet_equiv']:8.0f}  {res.protocol['wall_time_s']:7.1f} s",
                       flush=True)
@@ -177,6 +189,7 @@ def main() -> None:
     ap.add_argument("--batch-blocks", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-dir", default=None, help="also save every AttackResult (JSON) here")
+    ap.add_argument("--edit-cache", default=None, help="reuse Edits saved here by an earlier run (same options)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "attack.json"))
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()

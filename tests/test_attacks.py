@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from erasekit.attacks import AttackResult, PrefixPrompts, attack, attack_vocabulary
-from erasekit.attacks.unlearndiffatk import project_simplex
+from erasekit.attacks.unlearndiffatk import (UnlearnDiffAttackConfig, ascending_timestep, block_lengths,
+                                            project_simplex)
 from erasekit.errors import ConfigError
 from erasekit.eval.judges import Judge
 from erasekit.pipelines import Edit, Sampling
 
 FAST = Sampling(steps=3, batch_size=16)
-SHORT = {"steps_per_block": 2, "blocks": 2}
+SHORT = {"steps_per_block": 2, "blocks": 2, "block_growth": 1.0}
 
 
 class ToneJudge(Judge):
@@ -126,6 +127,14 @@ def test_simplex_projection_keeps_rows_on_the_simplex():
     torch.testing.assert_close(project_simplex(p), p, rtol=0, atol=0)      # feasible rows are kept
 
 
+def test_schedules():
+    ref = UnlearnDiffAttackConfig(schedule="reference").plan()
+    assert block_lengths(ref) == [40] * 50  # 2,000 steps, t = 10, 30, ..., 990
+    assert [ascending_timestep(b, 50, 1000) for b in range(50)] == list(range(10, 1000, 20))
+    assert block_lengths(UnlearnDiffAttackConfig().plan()) == [10, 20, 40, 80, 160]
+    assert block_lengths(UnlearnDiffAttackConfig(steps_per_block=3, blocks=3, block_growth=1.5).plan()) == [3, 4, 7]
+
+
 # -- attack() ---------------------------------------------------------------------------------------
 def test_no_attack_is_one_judged_generation(tiny_sd1):
     judge = ToneJudge()
@@ -156,7 +165,7 @@ def test_pre_success_stops_before_any_optimisation(tiny_sd1):
 def test_early_stop_drops_broken_prompts_from_the_batch(tiny_sd1):
     # call 1 = no-attack evaluation, call 2 = after block 1: the first active prompt breaks there
     res = attack(tiny_sd1, ["a cat", "a dog", "a tree"], "bright", judge=LateJudge(at=2), sampling=FAST,
-                 progress=False, steps_per_block=2, blocks=3)
+                 progress=False, steps_per_block=2, blocks=3, block_growth=1.0)
     first, rest = res.prompts[0], res.prompts[1:]
     assert first.success and not first.pre_success and first.step == 2 and first.grad_steps == 2
     assert first.adv_prompt.endswith("a cat") and first.adv_prompt != "a cat"

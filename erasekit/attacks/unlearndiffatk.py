@@ -19,9 +19,12 @@ Schedules (``schedule``):
 
 - ``reference``: the published one: timesteps 10, 30, ..., 990 ascending, 40 steps per timestep
   (50 blocks), a full generation after every block: at most 2,000 steps and 51 generations.
-- ``fast`` (default): ``t`` drawn uniformly from ``t_range`` for every step and prompt (a Monte
-  Carlo estimate of the expectation above instead of one timestep per block, skipping the nearly
-  noise-free timesteps whose loss carries little signal), short blocks, fewer blocks.
+- ``fast`` (default): ``t`` drawn uniformly from [200, 800) for every step and prompt (a Monte
+  Carlo estimate of the expectation over t instead of one t per block; on canvas-mini the erased
+  and the original model's predictions on the target differ most for t in about 200-600, while at
+  t < 100 the loss is mostly noise), and blocks that double: 10, 20, 40, 80, 160 steps, each
+  followed by a judged generation, so an easy prompt breaks after 10 steps and a hard one still
+  gets 310 steps, with at most 6 generations (reference: 2,000 steps, 51 generations).
   ``benchmarks/bench_attack.py`` measures its cost and ASR against ``reference`` in one run.
 
 Deviations (all recorded in the result's config): each prompt has its own random stream (seeded
@@ -50,8 +53,8 @@ from .prefix import VOCABULARIES, PrefixPrompts, attack_vocabulary
 from .result import PromptAttack
 
 SCHEDULES = {
-    "reference": {"steps_per_block": 40, "blocks": 50, "timesteps": "ascending", "t_range": None, "eval_every": 1},
-    "fast": {"steps_per_block": 10, "blocks": 20, "timesteps": "uniform", "t_range": (100, 700), "eval_every": 1},
+    "reference": {"steps_per_block": 40, "blocks": 50, "block_growth": 1.0, "timesteps": "ascending", "t_range": None},
+    "fast": {"steps_per_block": 10, "blocks": 5, "block_growth": 2.0, "timesteps": "uniform", "t_range": (200, 800)},
 }
 TIMESTEPS = ("ascending", "uniform")
 
@@ -69,8 +72,8 @@ class UnlearnDiffAttackConfig(MethodConfig):
     timesteps: str | None = field(default=None, metadata={"help": "ascending (one t per block) or uniform "
                                                                    "(t ~ U(t_range) per step); None: the schedule's"})
     t_range: tuple[int, int] | None = field(default=None, metadata={"help": "[low, high) of t for uniform timesteps"})
-    eval_every: int | None = field(default=None, metadata={"help": "judge after every n-th block (None: the "
-                                                                    "schedule's)"})
+    block_growth: float | None = field(default=None, metadata={"help": "each block has this many times the steps "
+                                                                          "of the previous one (None: the schedule's)"})
     lr: float = field(default=0.01, metadata={"help": "Adam learning rate on the relaxed one-hot"})
     weight_decay: float = field(default=0.1, metadata={"help": "Adam's coupled L2 weight decay"})
     vocabulary: str = field(default="round_trip", metadata={"help": "round_trip (whole words that re-tokenise to "
@@ -82,11 +85,13 @@ class UnlearnDiffAttackConfig(MethodConfig):
     def validate(self) -> None:
         check(self.schedule in SCHEDULES, f"`schedule` must be one of {sorted(SCHEDULES)} but is {self.schedule!r}")
         check(isinstance(self.k, int) and 1 <= self.k <= 75, f"`k` must be an integer in [1, 75] but is {self.k!r}")
-        for name in ("steps_per_block", "blocks", "eval_every"):
+        for name in ("steps_per_block", "blocks"):
             v = getattr(self, name)
             check(v is None or (isinstance(v, int) and v >= 1), f"`{name}` must be an integer >= 1 or None but is {v!r}")
         check(self.timesteps in (None, *TIMESTEPS), f"`timesteps` must be one of {TIMESTEPS} or None but is "
                                                     f"{self.timesteps!r}")
+        check(self.block_growth is None or self.block_growth >= 1,
+              f"`block_growth` must be >= 1 or None but is {self.block_growth!r}")
         if self.t_range is not None:
             lo, hi = self.t_range
             check(0 <= lo < hi, f"`t_range` must be [low, high) with 0 <= low < high but is {self.t_range!r}")
@@ -143,6 +148,11 @@ def target_latents(pipe, images) -> torch.Tensor:
     return z.float() * vae.config.scaling_factor
 
 
+def ascending_timestep(block: int, blocks: int, n_train: int) -> int:
+    """The reference's timestep of a block: 10, 30, ..., 990 for 50 blocks of a 1,000-step schedule."""
+    return int((block + 0.5) * n_train / blocks)
+
+
 class _BatchAttack:
     """The optimisation state of one batch of prompts (u, Adam, per-prompt random streams)."""
 
@@ -162,9 +172,8 @@ class _BatchAttack:
         self.sub = self.pp.subset(self.active)
 
     def timesteps(self, block: int) -> torch.Tensor:
-        if self.plan["timesteps"] == "ascending":  # t_b = 10, 30, ..., 990 for 50 blocks of 1000 steps
-            n_train = len(self.abar)
-            t = int((block + 0.5) * n_train / self.plan["blocks"])
+        if self.plan["timesteps"] == "ascending":
+            t = ascending_timestep(block, self.plan["blocks"], len(self.abar))
             return torch.full((len(self.active),), t, dtype=torch.long)
         lo, hi = self.plan["t_range"]
         hi = min(hi, len(self.abar))
@@ -209,28 +218,32 @@ class _BatchAttack:
         return self.sub.texts(ids)
 
 
+def block_lengths(plan: dict) -> list[int]:
+    """Adam steps of each block: ``steps_per_block x block_growth ** b`` (rounded)."""
+    return [max(1, round(plan["steps_per_block"] * plan["block_growth"] ** b)) for b in range(plan["blocks"])]
+
+
 def _run_batch(pipe, state: _BatchAttack, judge, concept, sampling, progress) -> None:
-    plan, n_step = state.plan, 0
-    bar = tqdm(total=plan["blocks"], desc="unlearndiffatk", disable=not progress, leave=False)
-    for block in range(plan["blocks"]):
+    """Blocks of Adam steps, each followed by one judged generation of the still-unbroken prompts."""
+    lengths, n_step = block_lengths(state.plan), 0
+    bar = tqdm(total=sum(lengths), desc="unlearndiffatk steps", disable=not progress, leave=False)
+    for block, n in enumerate(lengths):
         t0 = time.perf_counter()
-        for _ in range(plan["steps_per_block"]):
+        for _ in range(n):
             state.step(block)
-        n_step += plan["steps_per_block"]
+        n_step += n
         share = (time.perf_counter() - t0) / len(state.active)
         for i in state.active:
             row = state.rows[i]
-            row.unet_evals += plan["steps_per_block"]
-            row.grad_steps += plan["steps_per_block"]
+            row.unet_evals += n
+            row.grad_steps += n
             row.wall_time_s += share
-        last = block == plan["blocks"] - 1
-        if (block + 1) % plan["eval_every"] == 0 or last:
-            rows = [state.rows[i] for i in state.active]
-            judged_round(pipe, rows, state.prompts_now(), [r.seed for r in rows], judge, concept, sampling, n_step)
-            for r in rows:
-                r.rounds += 1
-            state.drop_successes()
-        bar.update(1)
+        rows = [state.rows[i] for i in state.active]
+        judged_round(pipe, rows, state.prompts_now(), [r.seed for r in rows], judge, concept, sampling, n_step)
+        for r in rows:
+            r.rounds += 1
+        state.drop_successes()
+        bar.update(n)
         bar.set_postfix(active=len(state.active))
         if not state.active:
             break
