@@ -69,7 +69,8 @@ def test_preview_generates_original_and_erased_in_chromium(preview, tmp_path):
             page = browser.new_page()
             page.goto(preview, wait_until="domcontentloaded", timeout=60_000)
             page.locator("#generate").click(timeout=60_000)
-            loaded = "(sel) => { const i = document.querySelector(sel); return !!i && i.complete && i.naturalWidth > 0; }"
+            loaded = ("(sel) => { const i = document.querySelector(sel); "
+                      "return !!i && i.complete && i.naturalWidth > 0; }")
             for sel in ("#original img", "#erased img"):
                 page.wait_for_function(loaded, arg=sel, timeout=90_000)
             srcs = [page.locator(sel).get_attribute("src") for sel in ("#original img", "#erased img")]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .._io import write_text_atomic
-from .options import Output, quiet_loading
+from .options import Output, format_scores, quiet_loading
 
 N_ATTACK_PROMPTS = 4  # captions of the erased concept the attack tries to bring it back on
 GRID_CELL = 128      # canvas-mini images are 32 px; the grid shows them 4x larger (nearest neighbour)
@@ -116,11 +116,10 @@ def _summary(out_dir, model, concept, method, edit, edit_path, result, attack_fi
     lines = [
         f"erasekit demo: erased {concept} from {model} with {method} in {m.get('wall_time_s', 0):.1f} s "
         f"({edit.nbytes() / 1024:.1f} KiB Edit)",
-        f"  attack (UnlearnDiffAtk, {atk['n']} prompt{'s' if atk['n'] != 1 else ''}): pre-ASR {atk['pre_asr']:.0f}%, ASR {atk['asr']:.0f}% "
+        f"  attack (UnlearnDiffAtk, {atk['n']} prompt{'s' if atk['n'] != 1 else ''}): "
+        f"pre-ASR {atk['pre_asr']:.0f}%, ASR {atk['asr']:.0f}% "
         "(ASR includes pre-ASR)",
-        "  evaluation (canvas-lite): " + ", ".join(
-            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)),
+        "  evaluation (canvas-lite): " + format_scores(scores),
         f"  total {wall:.0f} s; files in {out_dir}/:",
         f"    {edit_path.name}  (the Edit: erasekit preview --edit {edit_path})",
         f"    {attack_files[0].name}, {attack_files[1].name}  (adversarial prompts and ASR)",

@@ -15,7 +15,8 @@ import traceback
 from pathlib import Path
 
 from ..errors import ConfigError, ErasekitError
-from .options import Output, describe_options, load_judge, parse_options, quiet_loading, resolve_device
+from .options import (Output, describe_options, format_scores, load_judge, parse_options, quiet_loading,
+                      resolve_device)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -177,7 +178,7 @@ def cmd_eval(args, out: Output) -> int:
                       out_dir=Path(args.out), progress=out.progress, edit_path=args.edit)
     summary = report.summary() if callable(getattr(report, "summary", None)) else {}
     out.result({"out": str(args.out), **summary},
-               [f"evaluation ({args.protocol}): " + _fmt_summary(summary), f"  wrote {args.out}"])
+               [f"evaluation ({args.protocol}): " + format_scores(summary), f"  wrote {args.out}"])
     return EXIT_OK
 
 
@@ -269,13 +270,6 @@ def _as_list(x) -> list:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _fmt_summary(summary: dict) -> str:
-    def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    return ", ".join(f"{k}={fmt(v)}" for k, v in summary.items() if isinstance(v, (int, float, str)))
-
-
 # -- the parser -------------------------------------------------------------------------------------
 def _options_epilog(title: str, names: list[str], load) -> str:
     """Help text listing each method's options, read from its config dataclass when help is shown."""
@@ -307,10 +301,13 @@ def _attack_epilog() -> str:
 
 EXAMPLES = {
     "erase": "examples:\n  erasekit erase --method rece --concept Van_Gogh\n"
-             "  erasekit erase --method uce --concept 'Van Gogh' --concept Cubism -o erase_scale=2 --out vg.safetensors\n"
+             "  erasekit erase --method uce --concept 'Van Gogh' --concept Cubism -o erase_scale=2 \\\n"
+             "      --out vg.safetensors\n"
              "  erasekit erase --method esd --concept nudity --model CompVis/stable-diffusion-v1-4 --device cuda\n",
-    "attack": "examples:\n  erasekit attack --edit rece-Van_Gogh.safetensors --prompt 'A Cats image in Van Gogh style.'\n"
-              "  erasekit attack --edit vg.safetensors --concept Van_Gogh --prompts-file prompts.txt --seed 0 --seed 1\n",
+    "attack": "examples:\n"
+              "  erasekit attack --edit rece-Van_Gogh.safetensors --prompt 'A Cats image in Van Gogh style.'\n"
+              "  erasekit attack --edit vg.safetensors --concept Van_Gogh --prompts-file prompts.txt \\\n"
+              "      --seed 0 --seed 1 -o blocks=5\n",
     "eval": "examples:\n  erasekit eval --edit rece-Van_Gogh.safetensors --out report/\n"
             "  erasekit eval --protocol canvas-lite --target Van_Gogh --out base-report/   # the base model\n",
     "demo": "examples:\n  erasekit demo\n  erasekit demo --concept Cubism --out cubism-demo/\n",

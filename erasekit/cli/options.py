@@ -92,6 +92,12 @@ def describe_options(config_cls) -> list[str]:
             for name, default, help_ in config_cls.options()]
 
 
+def format_scores(summary: dict) -> str:
+    """``UA 60.0, IRA 98.9, ...`` from a report's headline numbers."""
+    return ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
 class Output:
     """Where a command's results go: a human summary, a JSON object (``--json``), or nothing (``--quiet``)."""
 
