@@ -42,7 +42,10 @@ class Report:
 
     @classmethod
     def from_json(cls, text_or_path) -> "Report":
-        text = Path(text_or_path).read_text() if Path(str(text_or_path)[:255]).is_file() else text_or_path
+        """From a report.json path or its text."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
         return cls(**json.loads(text))
 
     def summary(self) -> dict:
