@@ -96,6 +96,7 @@ class Report:
             lines += ["", "| target | head | UA | IRA | CRA |", "|---|---|---|---|---|"]
             lines += [f"| {t} | {v['head']} | {_pct(v.get('UA'))} | {_pct(v.get('IRA'))} | {_pct(v.get('CRA'))} |"
                       for t, v in per_target.items()]
+        lines += self._accuracy_table()
         if self.sequential:
             lines += ["", "| step | erased | UA (all erased so far) | IRA | CRA |", "|---|---|---|---|---|"]
         for step in self.sequential or []:
@@ -103,6 +104,19 @@ class Report:
                          f"{_pct(step['CRA'])} |")
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+    def _accuracy_table(self) -> list[str]:
+        """Per-class accuracy (%) of the judge's heads, the original model beside the edited one."""
+        sc, base = self.scores or {}, self.baseline or {}
+        if "style_accuracy" not in sc:
+            return []
+        cols = "| class | head | accuracy |" if not base else "| class | head | original | edited |"
+        out = ["", cols, "|---|---|---|" + ("---|" if base else "")]
+        for head in ("style", "object"):
+            for name, acc in sc[f"{head}_accuracy"].items():
+                ref = base.get(f"{head}_accuracy", {}).get(name)
+                out.append(f"| {name} | {head} | " + (f"{_pct(ref)} | " if base else "") + f"{_pct(acc)} |")
+        return out
 
     def save(self, out_dir, grids: dict | None = None) -> dict:
         """Write report.json, report.md and grids/<target>.png into ``out_dir`` (atomically)."""
