@@ -2,7 +2,7 @@
 
 Starts ``erasekit.preview.app.launch`` on a free loopback port with an Edit file, clicks
 "Generate", and checks that the original and the erased image both arrive (decoded by the browser,
-non-empty, and different from each other, since the Edit silences every cross-attention key).
+non-empty, and different from each other, since the Edit silences every cross-attention value).
 The screenshot is saved to ``tests/artifacts/preview.png``. Runs on canvas-mini when it is built,
 else on the tiny SD-1 pipeline.
 """
@@ -47,8 +47,8 @@ def preview(tmp_path, clip_tokenizer_dir):
     else:
         model, pipe = "tiny-sd1", build_tiny("sd1", clip_tokenizer_dir)
     keys = {f"unet/{name}.weight": torch.zeros_like(lin.weight)
-            for name, lin in cross_attention_kv(pipe.unet).items() if name.endswith("to_k")}
-    edit_path = Edit.from_weights(pipe, keys, {"method": "zero-keys", "concepts": ["everything"]}).save(
+            for name, lin in cross_attention_kv(pipe.unet).items() if name.endswith("to_v")}
+    edit_path = Edit.from_weights(pipe, keys, {"method": "zero-values", "concepts": ["everything"]}).save(
         tmp_path / "edit.safetensors")
     port = _free_port()
     app = launch(host="127.0.0.1", port=port, model=model, edit=str(edit_path), quiet=True, block=False, pipe=pipe)
@@ -84,5 +84,5 @@ def test_preview_generates_original_and_erased_in_chromium(preview, tmp_path):
     assert all(size >= 32 for size in sizes), sizes
     assert all(len(b) > 100 for b in bodies)
     assert bodies[0] != bodies[1], "the erased image should differ from the original"
-    assert "zero-keys" in status
+    assert "zero-values" in status
     assert (ARTIFACTS / "preview.png").stat().st_size > 0
