@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     sampling, options = Sampling(), json.loads(args.options)
     t0 = time.perf_counter()
     base = grid_predictions(pipe, judge, args.seeds, sampling)
-    result = {"method": args.method, "options": options, "pipeline": args.pipeline, "seeds": args.seeds,
+    step_file = Path(getattr(pipe, "name_or_path", "") or ".") / "training_step.json"
+    step = json.loads(step_file.read_text()).get("step") if step_file.is_file() else None
+    result = {"method": args.method, "options": options, "pipeline": args.pipeline, "training_step": step,
+              "seeds": args.seeds,
               "protocol": {"sampling": sampling.to_dict(), "grid": "10 objects x 10 styles x seeds",
                            "judge": judge.describe()},
               "base": {"style_acc": per_class(base, "style").tolist(), "object_acc": per_class(base, "object").tolist()},

@@ -12,8 +12,8 @@ from torch import nn
 
 import erasekit
 from erasekit.errors import ConfigError, TrainingError
-from erasekit.erase.advunlearn import (AdvUnlearnConfig, LatentPool, concept_prompts, overlaps, preset,
-                                       retain_prompts)
+from erasekit.erase.advunlearn import (AdvUnlearnConfig, AdvUnlearnTrainer, LatentPool, concept_prompts, overlaps,
+                                       preset, retain_prompts)
 from erasekit.pipelines import FamilyAdapter, Sampling, generate
 
 RETAIN = ["a photo of a cat", "a photo of a dog", "a photo of a tree"]
@@ -46,6 +46,15 @@ def test_retain_overlapping_the_concept_is_refused_and_pipeline_untouched(tiny_s
     with pytest.raises(ConfigError, match="mentions the erased concept 'Van Gogh'"):
         erasekit.erase(tiny_sd1, "advunlearn", ["Van Gogh"], **{**FAST, "retain": ["a Van Gogh painting", "a dog"]})
     assert _same(before, _state(tiny_sd1.text_encoder))
+
+
+def test_retain_prompts_from_a_text_file(tmp_path):
+    path = tmp_path / "retain.txt"
+    path.write_text("a photo of a dog\n\na red car\n")
+    assert retain_prompts(["Van Gogh"], str(path)) == ["a photo of a dog", "a red car"]
+    assert AdvUnlearnConfig(retain=str(path)).retain == str(path)
+    with pytest.raises(ConfigError, match="text file with one prompt per line"):
+        AdvUnlearnConfig(retain=str(tmp_path / "missing.txt"))
 
 
 def test_automatic_retain_sets_never_mention_the_concept():
@@ -167,6 +176,29 @@ def test_pool_predictions_are_the_frozen_models(tiny_sd1):
     assert int(d.t) == int(pool.timesteps[2])
     fresh = LatentPool(tiny_sd1, adapter, ["a dog"], size=0, steps=3, guidance=3.0, seed=0)
     assert fresh.draw([0], step=1, gen=torch.Generator().manual_seed(0)).z.shape == d.z.shape
+
+
+@pytest.mark.parametrize("attack", ["pgd", "fast_at"])
+def test_inner_attack_lowers_its_loss_and_leaves_encoder_grads_alone(tiny_sd1, attack):
+    # One trajectory of one DDIM step: the attack's objective is deterministic, so it must go down.
+    cfg = AdvUnlearnConfig(**{**FAST, "attack": attack, "attack_steps": 20, "attack_lr": 0.01, "ddim_steps": 1,
+                              "attack_init": "latest"})
+    adapter = FamilyAdapter(tiny_sd1)
+    run = AdvUnlearnTrainer(tiny_sd1, adapter, ["Van Gogh"], RETAIN, cfg, preset(tiny_sd1, ["Van Gogh"], cfg))
+    run.pool = LatentPool(tiny_sd1, adapter, ["Van Gogh"], size=1, steps=1, guidance=3.0, seed=0)
+    pp, gen = run.per_prompt[0], torch.Generator().manual_seed(0)
+    run.delta = pp.embed_ids(pp.random_ids(gen))
+
+    def l_atk(delta):
+        with torch.no_grad():
+            pred, target = run._attack_pred(pp, delta, 0, gen)
+        return float(torch.nn.functional.mse_loss(pred, target))
+
+    tiny_sd1.text_encoder.requires_grad_(True)
+    before = l_atk(run.delta)
+    after = l_atk(run.attack(0, gen))
+    assert after < before
+    assert all(p.grad is None for p in tiny_sd1.text_encoder.parameters())
 
 
 # -- plug and play ----------------------------------------------------------------------------------------

@@ -307,3 +307,25 @@ def test_result_round_trips_and_states_the_asr_definition(tiny_sd1, tmp_path):
         assert back.protocol["sampling"]["steps"] == FAST.steps and back.concept == "bright"
     with pytest.raises(ConfigError, match=".json or .csv"):
         res.save(tmp_path / "r.txt")
+
+
+# -- behaviour on canvas-mini ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_attack_brings_back_a_uce_erased_style(canvas_pipe, canvas_judge):
+    import erasekit
+    from erasekit.canvas.world import OBJECTS, caption
+
+    edit = erasekit.erase(canvas_pipe, "uce", ["Van Gogh"])
+    prompts = [caption(o, "Van_Gogh") for o in OBJECTS]
+    kw = dict(judge=canvas_judge, edit=edit, progress=False)
+    none = attack(canvas_pipe, prompts, "Van_Gogh", method="none", **kw)
+    res = attack(canvas_pipe, prompts, "Van_Gogh", **kw)
+    assert res.pre_asr == none.asr <= 50.0  # the erasure works on the plain captions...
+    assert res.asr >= res.pre_asr + 30.0  # ...and the attack brings the style back
+    for p in res.prompts:
+        if p.success and not p.pre_success:  # a success is a replayable text prompt
+            from erasekit.pipelines import generate
+
+            with edit.applied(canvas_pipe):
+                image = generate(canvas_pipe, p.adv_prompt, p.adv_seed)
+            assert canvas_judge.hits(image, "Van_Gogh")[0]

@@ -14,7 +14,7 @@ with, on a latent z_t from the frozen model's DDIM trajectory of the concept pro
 ``eps_o(c)`` is the frozen UNet on the ORIGINAL encoder's embedding of a fixed prompt. During the
 first ``warmup`` iterations L_u uses the clean prompt c_e and there is no attack (section 3).
 
-Defaults (advunlearn.md "Defaults"; full-size models, latents >= 64 px): 1000 iterations, Adam lr 1e-5,
+Defaults (advunlearn.md "Defaults"; full-size models, latents > 32 px): 1000 iterations, Adam lr 1e-5,
 warm-up 200, ``text-encoder-full`` (all transformer layers + final layer norm; token and position
 embeddings frozen), PGD attack 30 Adam steps lr 1e-3 on k=1 prefix embeddings refreshed every
 iteration from random-token init, retain batch 5, gamma 0.5 (0.3 for nudity), eta 1, CFG 3, 50 DDIM
@@ -42,7 +42,9 @@ Deviations from the reference code, all recorded in the manifest:
 - SDXL and SD 2.x are not covered by the paper (its encoder is SD 1.x's CLIP ViT-L/14 and does not
   transfer, issue 1 of OPTML-Group/AdvUnlearn). Here SD 2.x trains its OpenCLIP encoder the same
   way; SDXL trains both encoders (``encoders='all'``) or only the first, the prefix slots go into
-  both encoders, and the pooled projection of ``text_encoder_2`` is not trained.
+  both encoders, and the pooled projection of ``text_encoder_2`` is not trained. SDXL's UNet reads
+  the penultimate layer of the first encoder, so that encoder's last layer and final norm get no
+  gradient and stay unchanged (the Edit leaves them out).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import dataclasses
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +105,7 @@ class AdvUnlearnConfig(TrainConfig):
         "esd_match (reference code) or diffusion_classifier (paper: true noise on the original model's image)"))
     gamma: float | None = field(default=None, metadata=_h("retain weight (None: 0.3 nudity, 0.5 otherwise)"))
     retain: str | list = field(default="auto", metadata=_h(
-        "retain prompts: 'auto', 'canvas', 'coco', or a list of prompts"))
+        "retain prompts: 'auto', 'canvas', 'coco', a text file (one prompt a line), or a list of prompts"))
     retain_batch: int = field(default=5, metadata=_h("retain prompts per iteration"))
     retain_train: str = field(default="reg", metadata=_h("reg: L_u + gamma L_r in one step; iter: separate retain step"))
     eta: float = field(default=1.0, metadata=_h("negative guidance of the ESD target (paper convention)"))
@@ -144,8 +147,9 @@ class AdvUnlearnConfig(TrainConfig):
         check(self.pool_size >= 0, f"`pool_size` must be >= 0 but is {self.pool_size}")
         check(self.prompts in ("auto", "concept"), f"`prompts` must be 'auto' or 'concept' but is {self.prompts!r}")
         if isinstance(self.retain, str):
-            check(self.retain in ("auto", "canvas", "coco"),
-                  f"`retain` must be 'auto', 'canvas', 'coco' or a list of prompts but is {self.retain!r}")
+            check(self.retain in ("auto", "canvas", "coco") or Path(self.retain).is_file(),
+                  f"`retain` must be 'auto', 'canvas', 'coco', a text file with one prompt per line, or a list of "
+                  f"prompts but is {self.retain!r}")
         else:
             check(len(self.retain) > 0, "`retain` is an empty list: give at least one retain prompt "
                   "(prompts of other concepts the model must keep), or 'auto'")
@@ -218,11 +222,13 @@ def retain_prompts(concepts: list[str], retain: str | list = "auto") -> list[str
 
     ``auto``: canvas-mini captions when every concept is a canvas label, else ``coco``. ``canvas``:
     every canvas caption that mentions no erased label. ``coco``: "a photo of a <category>" over
-    COCO's 80 categories minus erased ones (and minus ``person`` for nudity). A list is used as given
-    and must not mention a concept.
+    COCO's 80 categories minus erased ones (and minus ``person`` for nudity). A list (or a text file
+    with one prompt a line) is used as given and must not mention a concept.
     """
     from ..canvas.world import OBJECTS, STYLES, caption
 
+    if isinstance(retain, str) and retain not in ("auto", "canvas", "coco"):
+        retain = [line.strip() for line in Path(retain).read_text().splitlines() if line.strip()]
     if not isinstance(retain, str):
         prompts = [p for p in retain]
         bad = [(p, c) for p in prompts for c in concepts if overlaps(p, c)]
@@ -471,10 +477,17 @@ class AdvUnlearnTrainer:
         return edit
 
     def manifest(self) -> dict:
+        pool = self.config.pool_size
+        deviations = [
+            f"latents: a pool of {pool} frozen-model DDIM trajectories (reference: a fresh partial DDIM per draw)"
+            if pool else "latents: a fresh frozen-model partial DDIM per draw (as the reference)",
+            "query timestep aligned with the latent's DDIM step (reference: t ~ U[20 t_enc, 20 t_enc + 20))",
+            "attack optimiser gradients zeroed every step (reference: accumulated)",
+        ]
         return {"preset": self.r, "prompts": self.prompts, "retain_prompts": len(self.retain),
-                "retain_examples": self.retain[:3], "pool": {"size": self.config.pool_size, "sampler": "frozen DDIM",
-                                                             "query_t": "aligned"},
-                "attack": {"space": "embedding", "insertion": "prefix", "loss": self.config.attack_loss}}
+                "retain_examples": self.retain[:3], "original_encoder": "encoded once on the fixed prompts (no copy)",
+                "attack": {"space": "embedding", "insertion": "prefix", "loss": self.config.attack_loss},
+                "deviations": deviations}
 
 
 @contextmanager

@@ -53,7 +53,8 @@ class RECEConfig(UCEConfig):
     judge: object | None = field(default=None, metadata={
         "help": "a Judge: keep the epoch whose images of the concepts it recognises least"})
     validation: Callable | None = field(default=None, metadata={
-        "help": "callback(pipe) -> score (lower is better), run with each epoch's edit applied"})
+        "help": "callback(pipe) -> score (lower is better), run with each epoch's edit applied; "
+                "takes precedence over judge"})
     validation_seeds: tuple[int, ...] = field(default=(0, 1), metadata={"help": "seeds of the judge's images"})
 
     def validate(self) -> None:

@@ -1,0 +1,171 @@
+"""SFD on canvas-mini: one-step vs teacher sampling speed, and forgetting one style (time, UA, IRA, CRA).
+
+    python benchmarks/bench_sfd.py speed                 # canvas-mini (random weights if assets are absent)
+    python benchmarks/bench_sfd.py speed --edit sfd.safetensors --images 50 --repeats 3 --threads 1
+    python benchmarks/bench_sfd.py forget --style Van_Gogh --out /tmp/sfd-van-gogh [--options '{"iterations": 300}']
+
+``speed``: both sides run through :func:`erasekit.pipelines.generate` with the same prompts, seeds and batch:
+the teacher with ``Sampling()`` (DDIM, 25 steps, guidance 7.5: 50 UNet evaluations per image), the
+one-step pipeline with one UNet evaluation per image; text encoding and VAE decoding are included
+on both sides. Without ``--edit`` the one-step side uses the teacher's own UNet as the generator,
+which costs exactly what a distilled generator costs (same architecture). Without
+assets/canvas-mini the canvas-mini architecture is built with random weights (same compute).
+Prints one JSON line.
+
+``forget``: runs ``erase(pipe, "sfd", [style], **options)`` (defaults: SFDConfig's), records its wall
+time, saves the Edit, then scores one-step samples of the 10 objects x 10 styles x ``--seeds`` seeds
+("A {object} image in {style} style.") with the canvas judge: UA = 1 - style accuracy on the target
+style, IRA = mean style accuracy over the other styles, CRA = mean object accuracy over all objects
+(all styles; metrics.md section 1.4). ``--baseline`` scores the un-distilled starting point (the
+teacher used as a one-step generator) the same way. Writes ``result.json`` next to the Edit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def canvas_architecture():
+    """canvas-mini's components with random weights (for timing when the trained assets are absent)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from erasekit.canvas import configs as C
+    from erasekit.canvas.tokenizer import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tempfile.mkdtemp())))
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**C.VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**C.TEXT_ENCODER)),
+        tokenizer=tokenizer, unet=UNet2DConditionModel(**C.UNET), scheduler=DDIMScheduler(**C.SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def timed_pair(slow_fn, fast_fn, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall times of both, interleaved run by run so that load changes on a shared machine hit both."""
+    slow_fn(), fast_fn()  # warm-up (allocations, lazy imports)
+    slow, fast = [], []
+    for _ in range(repeats):
+        for fn, out in ((slow_fn, slow), (fast_fn, fast)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return slow, fast
+
+
+def load_model(model: str):
+    from erasekit.pipelines import load_pipeline
+
+    if model == "canvas-mini" and not (ROOT / "assets/canvas-mini/model_index.json").exists():
+        return canvas_architecture(), "random (canvas-mini architecture)"
+    return load_pipeline(model), model
+
+
+def speed(a) -> dict:
+    from erasekit.canvas.world import OBJECTS, STYLES, caption
+    from erasekit.pipelines import Edit, Sampling, generate, one_step_pipeline
+
+    pipe, weights = load_model(a.model)
+    edit = Edit.load(a.edit, pipe) if a.edit else None
+    fast = one_step_pipeline(pipe, edit, t_init=None if edit else 625)
+    prompts = [caption(OBJECTS[i % 10], STYLES[(i // 10) % 10]) for i in range(a.images)]
+    seeds = list(range(a.images))
+    teacher_sampling, batch = Sampling(batch_size=a.images), Sampling(batch_size=a.images)
+    with torch.no_grad():
+        slow, quick = timed_pair(lambda: generate(pipe, prompts, seeds, teacher_sampling),
+                                 lambda: generate(fast, prompts, seeds, batch), a.repeats)
+    return {
+        "benchmark": "sfd_one_step_vs_teacher", "model": a.model, "weights": weights,
+        "generator": str(a.edit) if a.edit else "teacher UNet (same cost)", "images": a.images,
+        "threads": a.threads, "teacher_protocol": teacher_sampling.to_dict(),
+        "teacher_s": round(statistics.median(slow), 4), "one_step_s": round(statistics.median(quick), 4),
+        "speedup": round(statistics.median(slow) / statistics.median(quick), 2),
+        "teacher_runs_s": [round(x, 4) for x in slow], "one_step_runs_s": [round(x, 4) for x in quick],
+    }
+
+
+def canvas_scores(fast, judge, seeds: list[int], target: str) -> dict:
+    """UA / IRA / CRA (percent) of one-step samples of every (object, style) cell, per metrics.md 1.4."""
+    import numpy as np
+
+    from erasekit.canvas.world import OBJECTS, STYLES, caption
+    from erasekit.pipelines import Sampling, generate
+
+    cells = [(o, s) for s in STYLES for o in OBJECTS for _ in seeds]
+    images = generate(fast, [caption(o, s) for o, s in cells], seeds * (len(cells) // len(seeds)),
+                      Sampling(batch_size=100))
+    pred = judge.classify(images)
+    style_ok = np.array([judge.heads["style"][i] == s for i, (_, s) in zip(pred["style"], cells)])
+    obj_ok = np.array([judge.heads["object"][i] == o for i, (o, _) in zip(pred["object"], cells)])
+    acc_s = {s: float(style_ok[[c[1] == s for c in cells]].mean()) for s in STYLES}
+    acc_o = {o: float(obj_ok[[c[0] == o for c in cells]].mean()) for o in OBJECTS}
+    return {"UA": round(100 * (1 - acc_s[target]), 2),
+            "IRA": round(100 * float(np.mean([v for s, v in acc_s.items() if s != target])), 2),
+            "CRA": round(100 * float(np.mean(list(acc_o.values()))), 2),
+            "object_acc_on_target_prompts": round(100 * float(obj_ok[[c[1] == target for c in cells]].mean()), 2),
+            "style_acc": {k: round(100 * v, 1) for k, v in acc_s.items()},
+            "images": len(images)}
+
+
+def forget(a) -> dict:
+    from erasekit.canvas.world import STYLES, check_label
+    from erasekit.erase import erase
+    from erasekit.eval.judges import CanvasJudge
+    from erasekit.pipelines import Edit, one_step_pipeline
+
+    target = STYLES[check_label(a.style, STYLES, "style")]
+    pipe, weights = load_model(a.model)
+    judge = CanvasJudge.load(a.judge) if a.judge else CanvasJudge.load()
+    options = json.loads(a.options)
+    seeds = list(range(a.seeds))
+    out = {"benchmark": "sfd_forget_style", "model": a.model, "weights": weights, "target": target,
+           "options": options, "threads": a.threads, "eval_seeds": seeds, "sampler": "one_step"}
+    if a.baseline:
+        out["baseline_teacher_one_step"] = canvas_scores(one_step_pipeline(pipe, t_init=625), judge, seeds, target)
+    edit = erase(pipe, "sfd", [target], **options)
+    a.out.mkdir(parents=True, exist_ok=True)
+    edit.save(a.out / "sfd.safetensors")
+    out["wall_time_s"] = edit.manifest["wall_time_s"]
+    out["peak_memory_bytes"] = edit.manifest["peak_memory_bytes"]
+    out["config"] = edit.manifest["config"]
+    fast = one_step_pipeline(pipe, Edit.load(a.out / "sfd.safetensors", pipe))
+    out["sfd"] = canvas_scores(fast, judge, seeds, target)
+    (a.out / "result.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["speed", "forget"], nargs="?", default="speed")
+    p.add_argument("--model", default="canvas-mini", help="canvas-mini or a pipeline directory")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--edit", type=Path, default=None, help="speed: an SFD Edit (default: teacher UNet as generator)")
+    p.add_argument("--images", type=int, default=50, help="speed: images per call (one batch)")
+    p.add_argument("--repeats", type=int, default=3, help="speed: timed runs of each side")
+    p.add_argument("--style", default="Van_Gogh", help="forget: the style to forget")
+    p.add_argument("--options", default="{}", help="forget: SFD options as JSON")
+    p.add_argument("--seeds", type=int, default=5, help="forget: evaluation seeds per (object, style)")
+    p.add_argument("--judge", default=None, help="forget: canvas judge directory (default assets/canvas-judge)")
+    p.add_argument("--baseline", action="store_true", help="forget: also score the teacher as a one-step generator")
+    p.add_argument("--out", type=Path, default=Path("sfd-bench"), help="forget: output folder")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    result = speed(a) if a.mode == "speed" else forget(a)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
