@@ -5,6 +5,7 @@
     python benchmarks/bench_attack.py --skip-efficacy                   # batching only
     python benchmarks/bench_attack.py --model runs/canvas/pipeline --judge runs/canvas/judge
     python benchmarks/bench_attack.py --edit-cache /tmp/edits          # erase once, reuse the Edits
+    python benchmarks/bench_attack.py --erase-option esd:lr=5e-4 --baselines --baseline-rounds 5
 
 Efficacy and cost (one run): for each eraser (UCE, ESD) and style, erase the style from canvas-mini,
 take the captions "A {object} image in {style} style." for the first ``--objects`` objects at seed 0,
@@ -73,7 +74,7 @@ def efficacy(pipe, judge, args) -> dict:
     for eraser in args.erasers:
         rows, pooled = [], {name: [] for name in runs}
         for style in args.styles:
-            edit, erase_s = make_edit(pipe, eraser, style, _options(args.erase_option), args.edit_cache)
+            edit, erase_s = make_edit(pipe, eraser, style, _options(args.erase_option, eraser), args.edit_cache)
             prompts = [caption(o, style) for o in OBJECTS[:args.objects]]
             seeds = [0] * len(prompts)
             targets = generate(pipe, prompts, seeds)  # the original model, shared by every attack below
@@ -160,12 +161,16 @@ class NeverHits:
         return {**self.judge.describe(), "wrapped": "never hits (benchmark)"}
 
 
-def _options(pairs: list[str]) -> dict:
+def _options(pairs: list[str], eraser: str) -> dict:
+    """``key=value`` (every eraser) or ``eraser:key=value`` (that eraser only) -> options dict."""
     import ast
 
     out = {}
     for pair in pairs or []:
         key, _, value = pair.partition("=")
+        target, _, key = key.rpartition(":")
+        if target and target != eraser:
+            continue
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -178,7 +183,8 @@ def main() -> None:
     ap.add_argument("--model", default="canvas-mini")
     ap.add_argument("--judge", default=str(ROOT / "assets" / "canvas-judge"))
     ap.add_argument("--erasers", nargs="+", default=["uce", "esd"])
-    ap.add_argument("--erase-option", action="append", help="key=value passed to erase() (repeatable)")
+    ap.add_argument("--erase-option", action="append",
+                    help="key=value or eraser:key=value passed to erase() (repeatable), e.g. esd:lr=5e-4")
     ap.add_argument("--styles", nargs="+", default=list(DEFAULT_STYLES))
     ap.add_argument("--objects", type=int, default=10, help="prompts per style (first n canvas objects)")
     ap.add_argument("--baselines", action="store_true", help="also run seed search and random prefix")

@@ -178,3 +178,12 @@ def test_checkpoint_resume_is_exact(tiny_sd1, tmp_path):
     assert all(torch.equal(resumed.weights[k], straight.weights[k]) for k in straight.keys)
     with pytest.raises(ConfigError, match="checkpoint_dir"):
         erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=3, **{**opts, "lr_psi": 1e-3})
+
+
+def test_two_stage_generator_init(tiny_sd1, tmp_path):
+    stage1 = erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=1, **{**TINY, "forget_batch_size": 0})
+    path = stage1.save(tmp_path / "stage1.safetensors")
+    start = erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=0, generator_init=str(path), **TINY)
+    assert all(torch.equal(start.weights[k], stage1.weights[k]) for k in stage1.keys)
+    with pytest.raises(ConfigError, match="t_init"):
+        erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=0, generator_init=str(path), t_init=500, **TINY)

@@ -134,7 +134,9 @@ def test_presets_load_and_resolve():
     assert "Van Gogh" not in style.preserve and "Cubism" in style.preserve
     assert "A Cats image in {} style." in style.templates
     assert style.guides == ["Cubism", "Cubism"] and resolve(UCEConfig(), ["Cubism"]).guides == ["Mosaic"]
-    assert resolve(UCEConfig(), ["Cats"]).preset == "canvas-object"
+    objects = resolve(UCEConfig(), ["Cats"])
+    assert objects.preset == "canvas-object" and objects.guides == ["Architectures"]
+    assert "A {} image in Van Gogh style." in objects.templates
     assert resolve(UCEConfig(), ["nudity"]).preset == "nudity"
     assert resolve(UCEConfig(), ["Greg Rutkowski"]).preset == "default"
     assert resolve(UCEConfig(preset="style", lamb=2.0), ["Monet"]).lamb == 2.0   # options win over presets

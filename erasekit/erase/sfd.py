@@ -110,6 +110,8 @@ class SFDConfig(MethodConfig):
                                                       "other concepts (required for other concepts)")
     override: str | None = _f(None, "text replacing the concept in c_o, e.g. 'a middle aged man'; None: a "
                                     "random other canvas label (canvas concepts) or '' (others)")
+    generator_init: str | None = _f(None, "start G from a one-step generator: an SFD/SiD Edit file (e.g. a "
+                                          "stage-1 run with forget_batch_size=0) or a diffusers UNet folder")
     mixed_precision: str = _f("no", "no, bf16 or fp16 autocast (fp32 master weights either way)")
     gradient_checkpointing: bool = _f(False, "gradient checkpointing on all three UNets (SD on a GPU)")
     checkpoint_dir: str | None = _f(None, "folder for a resumable checkpoint (safetensors)")
@@ -239,6 +241,28 @@ def _where(mask: torch.Tensor, a: Context, b: Context) -> Context:
     return Context(torch.where(mask.view(-1, 1, 1), a.embeds, b.embeds), pooled)
 
 
+def _load_generator(unet, source: str, pipe, t_init: int) -> None:
+    """Overwrite the generator copy with a distilled one-step generator (two-stage SFD, sfd.md section 1)."""
+    from ..pipelines.edit import Edit
+    from ..pipelines.one_step import ONE_STEP
+
+    path = Path(source)
+    if path.is_dir():  # a diffusers UNet2DConditionModel folder (safetensors), e.g. a converted SiD-LSG generator
+        from diffusers import UNet2DConditionModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(path, use_safetensors=True).state_dict())
+        return
+    edit = Edit.load(path, pipe)
+    if edit.manifest.get("sampler") != ONE_STEP or edit.manifest.get("generator_timestep") != t_init:
+        raise ConfigError(f"`generator_init` {source} is not a one-step generator at t_init={t_init} (its "
+                          f"manifest: sampler {edit.manifest.get('sampler')!r}, timestep "
+                          f"{edit.manifest.get('generator_timestep')}): give a matching SFD Edit or set `t_init`")
+    with torch.no_grad():
+        for key in edit.keys:
+            param = unet.get_parameter(key.split("/", 1)[1])
+            param.copy_(edit.new_weight(key, param.detach()))
+
+
 # -- training -----------------------------------------------------------------------------------
 @dataclass
 class Batch:
@@ -284,6 +308,8 @@ class SFDTrainer:
         opt_psi = torch.optim.Adam(psi.parameters(), lr=config.lr_psi, **kw)
         opt_g = torch.optim.Adam(gen.parameters(), lr=config.lr_theta, **kw)
         self.psi, self.opt_psi, self.G, self.opt_G = self.accelerator.prepare(psi, opt_psi, gen, opt_g)
+        if config.generator_init:
+            _load_generator(gen, config.generator_init, pipe, config.t_init)
         self.ema = copy.deepcopy(gen).requires_grad_(False) if config.ema_decay > 0 else None
         self.device = self.accelerator.device
         self.abar = self.abar.to(self.device)

@@ -19,14 +19,16 @@ nudity         " "    none (+ "")            1    1.0   0.5  aligned_tail
 style, artist  "art"  given (+ "")           1    0.1   0.5  aligned_tail
 object         ""     none (+ "")            1    1.0   0.5  aligned_tail
 canvas-style   (*)    other styles (+ "")    1    0.3   0.5  all_77, caption templates
-canvas-object  ""     other objects (+ "")   1    0.3   0.5  all_77, caption templates
+canvas-object  (*)    other objects (+ "")   1    0.3   0.5  all_77, caption templates
 =============  =====  =====================  ===  ====  ===  ==========================
 
 The canvas presets were chosen by measurement on canvas-mini (benchmarks/canvas_closed_form.py):
 the concept is erased inside the captions it appears in, every row mapped to the same caption with
-the guide in its place, while the other styles' (objects') captions and "" are preserved. (*) An
-object is mapped to no object (""); a style to the first canvas style not being erased, because
-canvas-mini has no unstyled images and its style-less caption renders mostly Van Gogh.
+the guide in its place, while the other styles' (objects') captions and "" are preserved. (*) The
+guide is the first canvas style (object) not being erased: every canvas-mini image has one of the
+ten styles and objects, and the caption with the style (object) left out renders mostly Van Gogh
+(Flowers), so "" would map the concept onto a concept. UnlearnCanvas' UCE likewise maps a style to
+its "Photo" style.
 
 ``preset="auto"`` (default) takes a canvas preset when every concept names a style (or every concept
 an object) of the canvas world (which uses UnlearnCanvas' names and caption template), ``nudity``
@@ -63,9 +65,8 @@ TEMPLATE_SETS = {
 }
 CANVAS_STYLES = tuple(style_text(s) for s in STYLES)
 CANVAS_OBJECTS = OBJECTS
-# The canvas-style preset's guide (module docstring): UnlearnCanvas' UCE maps a style to its "Photo"
-# style; canvas-mini has none, so a style is mapped to another style.
-REPLACEMENT_STYLE = "<first canvas style not erased>"
+# The canvas presets' guide (module docstring): the first canvas style (object) not being erased.
+REPLACEMENT = "<first canvas name not erased>"
 _BASE = dict(guide="", preserve=(), erase_scale=1.0, preserve_scale=None, lamb=0.5,
              token_policy="aligned_tail", templates=None, preserve_empty=True)
 PRESETS = {
@@ -74,10 +75,11 @@ PRESETS = {
     "style": {**_BASE, "guide": "art", "preserve_scale": 0.1},
     "artist": {**_BASE, "guide": "art", "preserve_scale": 0.1},
     "object": {**_BASE, "preserve_scale": 1.0},
-    "canvas-style": {**_BASE, "guide": REPLACEMENT_STYLE, "preserve": CANVAS_STYLES, "preserve_scale": 0.3,
+    "canvas-style": {**_BASE, "guide": REPLACEMENT, "preserve": CANVAS_STYLES, "preserve_scale": 0.3,
                      "token_policy": "all_77",
                      "templates": "canvas-style"},
-    "canvas-object": {**_BASE, "preserve": CANVAS_OBJECTS, "preserve_scale": 0.3, "token_policy": "all_77",
+    "canvas-object": {**_BASE, "guide": REPLACEMENT, "preserve": CANVAS_OBJECTS, "preserve_scale": 0.3,
+                      "token_policy": "all_77",
                       "templates": "canvas-object"},
 }
 
@@ -160,8 +162,9 @@ def resolve(config: UCEConfig, concepts: list[str]) -> UCESettings:
     if name.startswith("canvas"):
         concepts = [style_text(c) for c in concepts]
     erased = {_key(c) for c in concepts}
-    if opt["guide"] == REPLACEMENT_STYLE:
-        opt["guide"] = next((s for s in CANVAS_STYLES if _key(s) not in erased), "")
+    if opt["guide"] == REPLACEMENT:
+        names = CANVAS_STYLES if name == "canvas-style" else CANVAS_OBJECTS
+        opt["guide"] = next((n for n in names if _key(n) not in erased), "")
     guides = [opt["guide"]] * len(concepts) if isinstance(opt["guide"], str) else list(opt["guide"])
     check(len(guides) == len(concepts), f"`guide` has {len(guides)} entries for {len(concepts)} concepts: give "
                                         "one guide for all, or one per concept")
