@@ -134,7 +134,9 @@ def forget(a) -> dict:
            "options": options, "threads": a.threads, "eval_seeds": seeds, "sampler": "one_step"}
     if a.baseline:
         out["baseline_teacher_one_step"] = canvas_scores(one_step_pipeline(pipe, t_init=625), judge, seeds, target)
+    cpu0 = time.process_time()
     edit = erase(pipe, "sfd", [target], **options)
+    out["cpu_time_s"] = round(time.process_time() - cpu0, 1)  # robust to other jobs on a shared machine
     a.out.mkdir(parents=True, exist_ok=True)
     edit.save(a.out / "sfd.safetensors")
     out["wall_time_s"] = edit.manifest["wall_time_s"]

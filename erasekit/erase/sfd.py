@@ -44,12 +44,12 @@ knob                   canvas-mini        SD v1.5 (reference)          DDPM CIFA
 =====================  =================  ===========================  ===========================
 alpha                  1.0                1.0                          1.2
 lam g_r/g_f/sg_r/sg_f  1 / 1 / 1 / 1      1 / 1 / 1 / 1                1 / 0.01 / 1 / 0.01
-lr psi / theta         CANVAS_LR          3e-6 / 1e-6                  3e-5 / 1e-5 (two-stage)
+lr psi / theta         3e-4 / 1e-4        3e-6 / 1e-6                  3e-5 / 1e-5 (two-stage)
 Adam                   (0, 0.999), 1e-6   (0, 0.999), 1e-6             (0, 0.999), 1e-8
-batch (retain+forget)  CANVAS_BATCH       8 (global)                   128
-iterations             CANVAS_ITERS       12.5k (100 kimg)             50k
+batch (retain+forget)  10 + 2             8 (global)                   128
+iterations             1000               12.5k (100 kimg)             50k
 t_init; t range        625; U{20..979}    625; U{20..979}              440; U{38..711}
-kappa                  CANVAS_KAPPA       4.5 (10 % "" for psi)        none
+kappa                  4.5 (10 % "")      4.5 (10 % "" for psi)        none
 precision              fp32 (CPU)         bf16 autocast, fp32 master   fp32
 grad checkpointing     off                on                           off
 G EMA                  off                off                          0.9999
@@ -81,11 +81,11 @@ def _f(default, help: str):
 class SFDConfig(MethodConfig):
     """Options of :func:`sfd` (see the module docstring for the equations and reference values)."""
 
-    iterations: int = _f(600, "alternating psi/theta iterations")
-    batch_size: int = _f(8, "retain conditions (C_r) per iteration")
-    forget_batch_size: int = _f(4, "forget conditions (c_f) per iteration; 0 = plain SiD distillation")
-    lr_psi: float = _f(1e-4, "Adam learning rate of the fake score psi")
-    lr_theta: float = _f(3e-5, "Adam learning rate of the generator theta")
+    iterations: int = _f(1000, "alternating psi/theta iterations")
+    batch_size: int = _f(10, "retain conditions (C_r) per iteration")
+    forget_batch_size: int = _f(2, "forget conditions (c_f) per iteration; 0 = plain SiD distillation")
+    lr_psi: float = _f(3e-4, "Adam learning rate of the fake score psi")
+    lr_theta: float = _f(1e-4, "Adam learning rate of the generator theta")
     adam_betas: tuple[float, float] = _f((0.0, 0.999), "Adam betas of both optimisers")
     adam_eps: float = _f(1e-6, "Adam epsilon of both optimisers")
     alpha: float = _f(1.0, "SiD alpha (1.0 SD, 1.2 DDPM)")
