@@ -156,8 +156,6 @@ def score(judge, images, cells, target: str) -> dict:
 
 
 def canvas_acceptance(args) -> None:
-    import numpy as np
-
     import erasekit
     from erasekit.canvas.world import OBJECTS, STYLES, caption, style_text
     from erasekit.eval.judges import CanvasJudge
@@ -167,7 +165,7 @@ def canvas_acceptance(args) -> None:
     pipe = erasekit.load_pipeline(args.pipeline)
     judge = CanvasJudge.load(args.judge) if args.judge else CanvasJudge.load()
     cells, prompts, seeds = grid(args.seeds)
-    out = ROOT / "benchmarks" / "results" / "advunlearn_canvas.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "advunlearn_canvas.json"
     report = json.loads(out.read_text()) if args.resume and out.exists() else {"rows": []}
     report.update({"pipeline": args.pipeline, "protocol": {
         "attack": "unlearndiffatk, default config (same for both methods)", "attack_prompts": "10 captions, seed 0",
@@ -184,29 +182,40 @@ def canvas_acceptance(args) -> None:
             c0, t0 = time.process_time(), time.perf_counter()
             edit = erasekit.erase(pipe, method, [text], progress=False)
             erase_cpu, erase_wall = time.process_time() - c0, time.perf_counter() - t0
+            if args.edits:
+                edit.save(Path(args.edits) / f"{method}_{concept}.safetensors")
             res = erasekit.attack(pipe, targets, concept, judge=judge, seeds=[0] * len(targets), edit=edit,
                                   progress=False)
             with edit.applied(pipe):
                 images = generate(pipe, prompts, seeds)
             row = {"concept": concept, "method": method, **score(judge, images, cells, concept),
-                   "ASR": res.asr, "pre_ASR": res.pre_asr, "erase_cpu_s": round(erase_cpu, 1),
+                   "ASR": res.asr, "pre_ASR": res.pre_asr, "attack_wall_s": res.protocol["wall_time_s"],
+                   "attack_config": res.config, "erase_cpu_s": round(erase_cpu, 1),
                    "erase_wall_s": round(erase_wall, 1), "preset": edit.manifest.get("preset") or
                    edit.manifest.get("resolved")}
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
             out.parent.mkdir(exist_ok=True)
             out.write_text(json.dumps(report, indent=2))
+    summarize(report, out)
+
+
+def summarize(report: dict, out: Path) -> None:
+    """Mean ASR / UA / IRA / CRA / erasure CPU time per method and head; written into ``out``."""
+    import numpy as np
+
     summary = {}
-    for method in args.methods.split(","):
+    for method in sorted({r["method"] for r in report["rows"]}):
         for head in ("style", "object"):
             sel = [r for r in report["rows"] if r["method"] == method and r["head"] == head]
             if sel:
                 summary[f"{method}/{head}"] = {k: float(np.mean([r[k] for r in sel])) for k in
-                                               ("ASR", "pre_ASR", "UA", "IRA", "CRA", "erase_cpu_s")} | {"n": len(sel)}
+                                               ("ASR", "pre_ASR", "UA", "IRA", "CRA", "erase_cpu_s")} | {
+                    "n": len(sel), "targets": [r["concept"] for r in sel]}
     report["summary"] = summary
     out.write_text(json.dumps(report, indent=2))
     for k, v in summary.items():
-        print(k, {a: round(b, 3) for a, b in v.items()})
+        print(k, {a: (round(b, 3) if isinstance(b, float) else b) for a, b in v.items()})
 
 
 def main() -> None:
@@ -222,7 +231,16 @@ def main() -> None:
     p.add_argument("--judge", default=None, help="--canvas: judge folder (default assets/canvas-judge)")
     p.add_argument("--seeds", type=int, default=1, help="--canvas: seeds per grid caption")
     p.add_argument("--resume", action="store_true", help="--canvas: keep rows already in the results file")
+    p.add_argument("--edits", default=None, help="--canvas: folder to save every Edit in")
+    p.add_argument("--out", default=None, help="--canvas: results file (default results/advunlearn_canvas.json)")
+    p.add_argument("--merge", nargs="*", default=None, help="merge --canvas result files into results/"
+                                                              "advunlearn_canvas.json and print the summary")
     args = p.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = {**parts[0], "rows": [r for part in parts for r in part["rows"]], "parts": args.merge}
+        summarize(merged, ROOT / "benchmarks" / "results" / "advunlearn_canvas.json")
+        return
     if args.canvas:
         canvas_acceptance(args)
         return

@@ -57,6 +57,22 @@ def score(judge, images, cells, target: str | None) -> dict:
     return out
 
 
+def mask_check(pipe, edit, concept: str, options: dict) -> dict:
+    """SalUn: weights outside the (recomputed, identical-seed) saliency mask must be bitwise unchanged."""
+    from erasekit.erase.salun import SalUnConfig, saliency
+
+    mask = saliency(pipe, [concept], SalUnConfig(**options))
+    outside_changed = kept = total = 0
+    for key, m in mask.items():
+        kept, total = kept + int(m.sum()), total + m.numel()
+        if key in edit.weights:
+            base = pipe.unet.get_parameter(key.split("/", 1)[1]).detach()
+            outside_changed += int((edit.weights[key] != base)[~m].sum())
+    return {"mask_density": kept / total, "changed_outside_mask": outside_changed,
+            "changed_inside_mask": sum(int((w != pipe.unet.get_parameter(k.split("/", 1)[1]).detach()).sum())
+                                       for k, w in edit.weights.items()) - outside_changed}
+
+
 def parse_option(text: str):
     key, _, value = text.partition("=")
     try:
@@ -75,6 +91,8 @@ def main() -> None:
     ap.add_argument("--option", action="append", default=[], help="method option key=value")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--check-mask", action="store_true",
+                    help="salun: recompute the saliency mask and count changed weights outside it")
     args = ap.parse_args()
 
     import torch
@@ -110,6 +128,8 @@ def main() -> None:
                "peak_memory_bytes": edit.manifest["peak_memory_bytes"],
                "generate_s": round(time.perf_counter() - t0, 1), "edit_bytes": edit.nbytes(),
                "training": edit.manifest.get("training")}
+        if args.check_mask:
+            row.update(mask_check(pipe, edit, concept, options))
         report["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "training"}), flush=True)
     rows = report["rows"]
