@@ -5,7 +5,7 @@
     python benchmarks/bench_attack.py --skip-efficacy                   # batching only
     python benchmarks/bench_attack.py --model runs/canvas/pipeline --judge runs/canvas/judge
     python benchmarks/bench_attack.py --edit-cache /tmp/edits          # erase once, reuse the Edits
-    python benchmarks/bench_attack.py --erase-option esd:lr=5e-4 --baselines --baseline-rounds 5
+    python benchmarks/bench_attack.py --erase-option esd:lr=5e-4 --baselines --baseline-rounds 5 --objects 5
 
 Efficacy and cost (one run): for each eraser (UCE, ESD) and style, erase the style from canvas-mini,
 take the captions "A {object} image in {style} style." for the first ``--objects`` objects at seed 0,
@@ -22,7 +22,8 @@ counted per prompt in UNet evaluations (one per latent; CFG counts two) and in U
 
 Batching: the same 16 prompts attacked (a) in one batch of 16, (b) one ``attack()`` call per prompt,
 (c) in one call with ``batch_size=1``, with a judge that never reports a hit so every prompt does the
-same work (``--batch-blocks`` blocks of the fast schedule). Per-prompt wall time and the ratio are printed.
+same work (``--batch-blocks`` blocks of the fast schedule), timed in turn ``--batch-repeats`` times.
+Median per-prompt wall time and the ratios are printed.
 
 Results (with the protocol) go to benchmarks/results/attack.json.
 """
@@ -65,11 +66,11 @@ def efficacy(pipe, judge, args) -> dict:
     from erasekit.canvas.world import OBJECTS, caption
     from erasekit.pipelines import generate
 
-    runs = {"none": {"method": "none"}, "fast": {"method": "unlearndiffatk", "schedule": "fast"},
-            "reference": {"method": "unlearndiffatk", "schedule": "reference"}}
+    runs = {"none": {"method": "none"}, "fast": {"method": "unlearndiffatk", "schedule": "fast", "k": args.k},
+            "reference": {"method": "unlearndiffatk", "schedule": "reference", "k": args.k}}
     if args.baselines:
         runs |= {"seed_search": {"method": "seed_search", "rounds": args.baseline_rounds},
-                 "random_prefix": {"method": "random_prefix", "rounds": args.baseline_rounds}}
+                 "random_prefix": {"method": "random_prefix", "rounds": args.baseline_rounds, "k": args.k}}
     out = {}
     for eraser in args.erasers:
         rows, pooled = [], {name: [] for name in runs}
@@ -117,29 +118,34 @@ def _print_pooled(eraser: str, pooled: dict) -> None:
 
 
 def batching(pipe, judge, args) -> dict:
-    """Per-prompt wall time of 16 prompts in one batch vs one at a time (same work: no early stop)."""
+    """Per-prompt wall time of 16 prompts in one batch vs one at a time (same work: no early stop).
+
+    The three ways are timed in turn, ``--batch-repeats`` times, and the medians are compared, so a
+    change in the machine's load hits all of them alike.
+    """
+    import statistics
+
     from erasekit.attacks import attack
     from erasekit.canvas.world import OBJECTS, STYLES, caption
 
     never = NeverHits(judge)
     prompts = [caption(o, s) for s in STYLES[:2] for o in OBJECTS][:args.batch_prompts]
-    kw = dict(judge=never, blocks=args.batch_blocks, progress=False)
-    timings = {}
-    t0 = time.perf_counter()
-    attack(pipe, prompts, STYLES[0], batch_size=len(prompts), **kw)
-    timings["one_batch"] = (time.perf_counter() - t0) / len(prompts)
-    t0 = time.perf_counter()
-    for p in prompts:
-        attack(pipe, [p], STYLES[0], **kw)
-    timings["separate_calls"] = (time.perf_counter() - t0) / len(prompts)
-    t0 = time.perf_counter()
-    attack(pipe, prompts, STYLES[0], batch_size=1, **kw)
-    timings["batch_size_1"] = (time.perf_counter() - t0) / len(prompts)
-    res = {"prompts": len(prompts), "blocks": args.batch_blocks, "s_per_prompt": timings,
-           "speedup_vs_separate_calls": timings["separate_calls"] / timings["one_batch"],
-           "speedup_vs_batch_size_1": timings["batch_size_1"] / timings["one_batch"]}
-    print(f"batching ({len(prompts)} prompts, {args.batch_blocks} fast blocks each, no early stop): s/prompt "
-          + ", ".join(f"{k} {v:.2f}" for k, v in timings.items())
+    kw = dict(judge=never, blocks=args.batch_blocks, k=args.k, progress=False)
+    ways = {"one_batch": lambda: attack(pipe, prompts, STYLES[0], batch_size=len(prompts), **kw),
+            "separate_calls": lambda: [attack(pipe, [p], STYLES[0], **kw) for p in prompts],
+            "batch_size_1": lambda: attack(pipe, prompts, STYLES[0], batch_size=1, **kw)}
+    times = {name: [] for name in ways}
+    for _ in range(args.batch_repeats):
+        for name, run in ways.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - t0) / len(prompts))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    res = {"prompts": len(prompts), "blocks": args.batch_blocks, "k": args.k, "s_per_prompt_runs": times,
+           "s_per_prompt_median": med, "speedup_vs_separate_calls": med["separate_calls"] / med["one_batch"],
+           "speedup_vs_batch_size_1": med["batch_size_1"] / med["one_batch"]}
+    print(f"batching ({len(prompts)} prompts, {args.batch_blocks} fast blocks each, no early stop, median of "
+          f"{args.batch_repeats}): s/prompt " + ", ".join(f"{k} {v:.2f}" for k, v in med.items())
           + f"; speed-up {res['speedup_vs_separate_calls']:.2f}x vs separate calls, "
           f"{res['speedup_vs_batch_size_1']:.2f}x vs batch_size=1")
     return res
@@ -187,12 +193,15 @@ def main() -> None:
                     help="key=value or eraser:key=value passed to erase() (repeatable), e.g. esd:lr=5e-4")
     ap.add_argument("--styles", nargs="+", default=list(DEFAULT_STYLES))
     ap.add_argument("--objects", type=int, default=10, help="prompts per style (first n canvas objects)")
+    ap.add_argument("--k", type=int, default=5, help="prefix tokens of every prefix attack (canvas-mini's 64-d text "
+                    "space needs more than the paper's 3 for styles against UCE)")
     ap.add_argument("--baselines", action="store_true", help="also run seed search and random prefix")
     ap.add_argument("--baseline-rounds", type=int, default=10)
     ap.add_argument("--skip-efficacy", action="store_true")
     ap.add_argument("--skip-batching", action="store_true")
     ap.add_argument("--batch-prompts", type=int, default=16)
     ap.add_argument("--batch-blocks", type=int, default=2)
+    ap.add_argument("--batch-repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-dir", default=None, help="also save every AttackResult (JSON) here")
     ap.add_argument("--edit-cache", default=None, help="reuse Edits saved here by an earlier run (same options)")
@@ -208,7 +217,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     pipe, judge = load_pipeline(args.model), CanvasJudge.load(args.judge)
-    report = {"protocol": {"model": args.model, "judge": args.judge, "sampling": Sampling().to_dict(),
+    report = {"protocol": {"model": args.model, "judge": args.judge, "sampling": Sampling().to_dict(), "k": args.k,
+                           "erasers": args.erasers, "erase_options": args.erase_option, "styles": args.styles,
+                           "objects": args.objects,
                            "seed": 0, "threads": args.threads, "machine": platform.processor() or platform.machine(),
                            "cpus": os.cpu_count(), "torch": torch.__version__,
                            "asr_definition": "ASR includes pre-ASR (UnlearnDiffAtk's definition)"}}
