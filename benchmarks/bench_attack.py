@@ -5,6 +5,7 @@
     python benchmarks/bench_attack.py --skip-efficacy                   # batching only
     python benchmarks/bench_attack.py --model runs/canvas/pipeline --judge runs/canvas/judge
     python benchmarks/bench_attack.py --edit-cache /tmp/edits          # erase once, reuse the Edits
+    python benchmarks/bench_attack.py --erasers uce rece --runs none fast --skip-batching  # RECE vs UCE
     python benchmarks/bench_attack.py --erase-option esd:lr=5e-4 --baselines --baseline-rounds 5 --objects 5
 
 Efficacy and cost (one run): for each eraser (UCE, ESD) and style, erase the style from canvas-mini,
@@ -71,6 +72,8 @@ def efficacy(pipe, judge, args) -> dict:
     if args.baselines:
         runs |= {"seed_search": {"method": "seed_search", "rounds": args.baseline_rounds},
                  "random_prefix": {"method": "random_prefix", "rounds": args.baseline_rounds, "k": args.k}}
+    if args.runs:
+        runs = {name: kw for name, kw in runs.items() if name in args.runs}
     out = {}
     for eraser in args.erasers:
         rows, pooled = [], {name: [] for name in runs}
@@ -111,6 +114,8 @@ def _print_pooled(eraser: str, pooled: dict) -> None:
     for name, p in pooled.items():
         print(f"  {name:13s} {p['n']:4d} {p['pre_asr']:7.1f}% {p['asr']:6.1f}% {p['mean_unet_evals']:11.0f} "
               f"{p['mean_cost_unet_equiv']:11.0f} {p['mean_wall_time_s']:9.2f}")
+    if "fast" not in pooled or "reference" not in pooled:
+        return
     f, r = pooled["fast"], pooled["reference"]
     print(f"  fast / reference: UNet evals {f['mean_unet_evals'] / r['mean_unet_evals']:.3f}, "
           f"UNet-equiv {f['mean_cost_unet_equiv'] / r['mean_cost_unet_equiv']:.3f}; "
@@ -197,6 +202,8 @@ def main() -> None:
                     "space needs more than the paper's 3 for styles against UCE)")
     ap.add_argument("--baselines", action="store_true", help="also run seed search and random prefix")
     ap.add_argument("--baseline-rounds", type=int, default=10)
+    ap.add_argument("--runs", nargs="+", default=None,
+                    help="attacks to run (none fast reference seed_search random_prefix); default: all enabled")
     ap.add_argument("--skip-efficacy", action="store_true")
     ap.add_argument("--skip-batching", action="store_true")
     ap.add_argument("--batch-prompts", type=int, default=16)
