@@ -179,7 +179,6 @@ def test_bad_options_name_the_field(bad):
         TrainConfig(**bad)
 
 
-@pytest.mark.slow
 def test_two_processes_end_with_identical_weights(tmp_path, clip_tokenizer_dir):
     worker = Path(__file__).resolve().parent / "_ddp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

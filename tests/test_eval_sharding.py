@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.slow  # three processes start torch, diffusers and open_clip: ~30 s of CPU
+# Three processes start torch, diffusers and open_clip: about 30 s of CPU, kept in the default suite
+# because the sharded evaluation is only trustworthy if this holds.
 def test_two_processes_give_the_one_process_counts(tmp_path, clip_tokenizer_dir):
     from _eval_shard_worker import run
 

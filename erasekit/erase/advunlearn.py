@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..pipelines.family import Context
+from .data import canvas_label
 from .engine import TrainConfig, Trainer
 from .esd import esd_target
 from .param_sets import select_params
@@ -180,24 +181,13 @@ def preset(pipe, concepts: list[str], config: AdvUnlearnConfig) -> dict:
     }
 
 
-def _canvas_label(concept: str) -> tuple[str, str] | None:
-    from ..canvas.world import OBJECTS, STYLES, check_label
-
-    for kind, labels in (("style", STYLES), ("object", OBJECTS)):
-        try:
-            return kind, labels[check_label(concept, labels, kind)]
-        except ValueError:
-            pass
-    return None
-
-
 def concept_prompts(concepts: list[str], mode: str = "auto") -> list[str]:
     """The prompts c_e trained on: the concepts as given, or canvas-mini's captions of a canvas label."""
     from ..canvas.world import OBJECTS, STYLES, caption
 
     out = []
     for c in concepts:
-        label = _canvas_label(c) if mode == "auto" else None
+        label = canvas_label(c) if mode == "auto" else None
         if label is None:
             out.append(c)
         elif label[0] == "style":
@@ -238,7 +228,7 @@ def retain_prompts(concepts: list[str], retain: str | list = "auto") -> list[str
     else:
         mode = retain
         if mode == "auto":
-            mode = "canvas" if all(_canvas_label(c) for c in concepts) else "coco"
+            mode = "canvas" if all(canvas_label(c) for c in concepts) else "coco"
         if mode == "canvas":
             prompts = [caption(o, s) for o in OBJECTS for s in STYLES]
         else:

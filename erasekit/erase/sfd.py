@@ -68,6 +68,7 @@ import torch
 
 from ..errors import ConfigError, TrainingError
 from ..pipelines.family import Context
+from .data import canvas_label
 from .registry import MethodConfig, check, register
 
 _RUN_FIELDS_EXCLUDED = ("iterations", "checkpoint_dir", "checkpoint_every", "progress")
@@ -166,22 +167,11 @@ class PromptSets:
         return re.sub(r"\s+", " ", prompt).strip()
 
 
-def _canvas_label(concept: str) -> tuple[str, str] | None:
-    from ..canvas.world import OBJECTS, STYLES, check_label
-
-    for kind, labels in (("style", STYLES), ("object", OBJECTS)):
-        try:
-            return kind, labels[check_label(concept, labels, kind)]
-        except ValueError:
-            pass
-    return None
-
-
 def prompt_sets(concepts: list[str], config: SFDConfig) -> PromptSets:
     """Build c_f, c_o and C_r from the concepts and the config (canvas-mini captions by default)."""
     from ..canvas.world import OBJECTS, PARAPHRASES, STYLES, caption, style_text
 
-    labels = {c: _canvas_label(c) for c in concepts}
+    labels = {c: canvas_label(c) for c in concepts}
     canvas = all(labels.values())
     words = {c: style_text(labels[c][1]) if labels[c] else c for c in concepts}
     gone = {lab for lab in labels.values() if lab}
