@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..pipelines.family import Context
 from .data import canvas_label
+from .data import concept_prompts as canvas_prompts
 from .engine import TrainConfig, Trainer
 from .esd import esd_target
 from .param_sets import select_params
@@ -183,18 +184,9 @@ def preset(pipe, concepts: list[str], config: AdvUnlearnConfig) -> dict:
 
 def concept_prompts(concepts: list[str], mode: str = "auto") -> list[str]:
     """The prompts c_e trained on: the concepts as given, or canvas-mini's captions of a canvas label."""
-    from ..canvas.world import OBJECTS, STYLES, caption
-
-    out = []
-    for c in concepts:
-        label = canvas_label(c) if mode == "auto" else None
-        if label is None:
-            out.append(c)
-        elif label[0] == "style":
-            out += [caption(o, label[1]) for o in OBJECTS]
-        else:
-            out += [caption(label[1], s) for s in STYLES]
-    return list(dict.fromkeys(out))
+    if mode != "auto":
+        return list(dict.fromkeys(concepts))
+    return list(dict.fromkeys(p for c in concepts for p in canvas_prompts(c)))
 
 
 def _words(text: str) -> str:
