@@ -91,7 +91,7 @@ def run_variant(name: str, args) -> dict:
     from erasekit.erase import advunlearn, engine
 
     torch.set_num_threads(args.threads)
-    pipe = build(args.small)
+    pipe = build(args.small).to(args.device)
     advunlearn.LatentPool = synthetic_pool(advunlearn)
     marks = {}
 
@@ -162,7 +162,7 @@ def canvas_acceptance(args) -> None:
     from erasekit.pipelines import Sampling, generate
 
     torch.set_num_threads(args.threads)
-    pipe = erasekit.load_pipeline(args.pipeline)
+    pipe = erasekit.load_pipeline(args.pipeline, device=args.device)
     judge = CanvasJudge.load(args.judge) if args.judge else CanvasJudge.load()
     cells, prompts, seeds = grid(args.seeds)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "advunlearn_canvas.json"
@@ -223,6 +223,7 @@ def main() -> None:
     p.add_argument("--variants", default="ours", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--attack-steps", type=int, default=1, help="inner steps (1: fast-AT; reference PGD: 30)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: RSS on CPU, max allocated on CUDA)")
     p.add_argument("--small", action="store_true", help="tiny architecture (checks the script, not the figures)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # child process: run this variant
     p.add_argument("--canvas", nargs="*", default=None, help="acceptance run on canvas-mini for these targets")
@@ -250,7 +251,7 @@ def main() -> None:
     rows = []
     for name in args.variants.split(","):
         cmd = [sys.executable, __file__, "--one", name, "--attack-steps", str(args.attack_steps),
-               "--threads", str(args.threads)] + (["--small"] if args.small else [])
+               "--threads", str(args.threads), "--device", args.device] + (["--small"] if args.small else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ,
                              "OMP_NUM_THREADS": str(args.threads)})
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -263,9 +264,10 @@ def main() -> None:
     print(f"static bytes (params, grads, Adam): ours {s['ours'] / gb:.2f} GB, reference design {s['reference'] / gb:.2f} GB")
     result = {"benchmark": "advunlearn_iteration", "architecture": "tiny" if args.small else "sd14",
               "reference_gb": REFERENCE_GB, "reference_source": "issue 1 of OPTML-Group/AdvUnlearn (GPU)",
-              "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+              "threads": args.threads, "device": args.device, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "rows": rows}
-    out = ROOT / "benchmarks" / "results" / ("advunlearn_small.json" if args.small else "advunlearn.json")
+    name = "advunlearn_small" if args.small else "advunlearn" + ("" if args.device == "cpu" else "_" + args.device)
+    out = ROOT / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

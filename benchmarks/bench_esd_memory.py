@@ -77,7 +77,7 @@ def reference_step(pipe, ddim_steps: int, seed: int = 0) -> None:
     ctx = FamilyAdapter(pipe).encode(["", "Van Gogh"])
     sched, gen = _ddim(pipe, ddim_steps), torch.Generator().manual_seed(seed)
     k = int(torch.randint(ddim_steps, (1,), generator=gen))
-    z = torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size, generator=gen)
+    z = torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size, generator=gen).to(unet.device)
 
     def predict(x, t, c):
         with torch.no_grad():

@@ -127,11 +127,12 @@ def forget(a) -> dict:
 
     target = STYLES[check_label(a.style, STYLES, "style")]
     pipe, weights = load_model(a.model)
+    pipe.to(a.device)
     judge = CanvasJudge.load(a.judge) if a.judge else CanvasJudge.load()
     options = json.loads(a.options)
     seeds = list(range(a.seeds))
     out = {"benchmark": "sfd_forget_style", "model": a.model, "weights": weights, "target": target,
-           "options": options, "threads": a.threads, "eval_seeds": seeds, "sampler": "one_step"}
+           "options": options, "threads": a.threads, "device": a.device, "eval_seeds": seeds, "sampler": "one_step"}
     if a.baseline:
         out["baseline_teacher_one_step"] = canvas_scores(one_step_pipeline(pipe, t_init=625), judge, seeds, target)
     cpu0 = time.process_time()
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("mode", choices=["speed", "forget"], nargs="?", default="speed")
     p.add_argument("--model", default="canvas-mini", help="canvas-mini or a pipeline directory")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="forget: where to distil (cpu or cuda)")
     p.add_argument("--edit", type=Path, default=None, help="speed: an SFD Edit (default: teacher UNet as generator)")
     p.add_argument("--images", type=int, default=50, help="speed: images per call (one batch)")
     p.add_argument("--repeats", type=int, default=3, help="speed: timed runs of each side")

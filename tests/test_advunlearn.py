@@ -178,6 +178,19 @@ def test_pool_predictions_are_the_frozen_models(tiny_sd1):
     assert fresh.draw([0], step=1, gen=torch.Generator().manual_seed(0)).z.shape == d.z.shape
 
 
+def test_pool_enters_a_fresh_autocast_context_for_every_unet_call(tiny_sd1):
+    # A context manager object can be entered once; mixed precision (bf16 on a GPU) passes a factory.
+    entered = []
+
+    def autocast():
+        entered.append(1)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    pool = LatentPool(tiny_sd1, FamilyAdapter(tiny_sd1), ["a dog"], size=2, steps=3, guidance=3.0, seed=0,
+                      autocast=autocast)
+    assert len(entered) >= 3 and pool.draw([0], step=1, gen=torch.Generator().manual_seed(0)).z.isfinite().all()
+
+
 @pytest.mark.parametrize("attack", ["pgd", "fast_at"])
 def test_inner_attack_lowers_its_loss_and_leaves_encoder_grads_alone(tiny_sd1, attack):
     # One trajectory of one DDIM step: the attack's objective is deterministic, so it must go down.

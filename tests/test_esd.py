@@ -85,6 +85,20 @@ def test_attribute_variant_and_several_concepts_run(tiny_sd1):
     assert set(edit.keys) == set(select_params(tiny_sd1, "esd-x-strict"))
 
 
+def test_canvas_labels_are_erased_from_their_captions_as_attributes():
+    from erasekit.canvas.world import OBJECTS, STYLES, caption
+    from erasekit.erase.esd import esd_pairs
+
+    style = esd_pairs(["Van Gogh"], ESDConfig())
+    assert style == [("Van Gogh style.", caption(o, "Van_Gogh")) for o in OBJECTS]
+    obj = esd_pairs(["Cats", "Pop_Art"], ESDConfig())   # several concepts: each paired with its own captions
+    assert obj[:10] == [("A Cats image.", caption("Cats", s)) for s in STYLES]
+    assert all(c == "Pop Art style." and "Pop Art" in f for c, f in obj[10:])
+    assert esd_pairs(["Cats"], ESDConfig(canvas_prompts="caption")) == [(caption("Cats", s), None) for s in STYLES]
+    assert esd_pairs(["a red hat"], ESDConfig()) == [("a red hat", None)]
+    assert esd_pairs(["x"], ESDConfig(prompts=["p", "q"], erase_from=["f"])) == [("p", "f"), ("q", "f")]
+
+
 def test_resumed_esd_equals_the_uninterrupted_run(tiny_sd1, tmp_path):
     full = erasekit.erase(tiny_sd1, "esd", ["Van Gogh"], steps=4, progress=False)
     opts = dict(progress=False, checkpoint_dir=str(tmp_path), checkpoint_every=1)
@@ -94,7 +108,8 @@ def test_resumed_esd_equals_the_uninterrupted_run(tiny_sd1, tmp_path):
     assert all(torch.equal(full.weights[k], resumed.weights[k]) for k in full.keys)
 
 
-@pytest.mark.parametrize("bad", [dict(sampler="ddpm"), dict(preset="xl"), dict(eta=-1.0), dict(ddim_steps=0)])
+@pytest.mark.parametrize("bad", [dict(sampler="ddpm"), dict(preset="xl"), dict(eta=-1.0), dict(ddim_steps=0),
+                                 dict(canvas_prompts="labels"), dict(erase_from=[]), dict(erase_from=["ok", " "])])
 def test_bad_options_are_refused(bad):
     with pytest.raises(ConfigError, match=f"`{next(iter(bad))}`"):
         ESDConfig(**bad)

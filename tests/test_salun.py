@@ -48,6 +48,21 @@ def test_canvas_plan_maps_each_caption_to_the_next_label():
     assert len(obj.forget_prompts) == 20
 
 
+def test_canvas_preset_trains_cross_attention_with_an_lr_per_kind():
+    from erasekit.erase.salun import CANVAS_OBJECT_LR, PRESETS, _resolve
+
+    def resolved(concepts, **kw):
+        config = SalUnConfig(**kw)
+        return _resolve(make_plan(concepts, config), config)
+
+    assert resolved(["Van_Gogh"])["param_set"] == "xattn" and resolved(["Van_Gogh"])["lr"] == PRESETS["canvas"]["lr"]
+    assert resolved(["Cats", "Towers"])["lr"] == CANVAS_OBJECT_LR != PRESETS["canvas"]["lr"]
+    assert resolved(["Cats", "Van_Gogh"])["lr"] == PRESETS["canvas"]["lr"]   # mixed kinds: the style value
+    assert resolved(["Cats"], lr=2e-5, param_set="full") | {"preset": 0} == {
+        **PRESETS["canvas"], "lr": 2e-5, "param_set": "full", "preset": 0}
+    assert resolved(["nudity"])["param_set"] == "full"
+
+
 def test_nudity_and_custom_plans():
     nude = make_plan(["nudity"], SalUnConfig())
     assert (nude.preset, nude.forget_prompts) == ("nudity", ["a photo of a nude person"])

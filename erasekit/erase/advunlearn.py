@@ -287,7 +287,7 @@ def ddim_trajectories(pipe, cond, uncond, z_T: torch.Tensor, guidance: float, st
     seen = []
 
     def predict(z2, t, c):   # the frozen UNet; records what the sampler computes anyway
-        with autocast or nullcontext():
+        with autocast() if autocast else nullcontext():   # a fresh context per call
             e = pipe.unet(z2.to(pipe.unet.dtype), t, **c.unet_kwargs(pipe)).sample.float()
         seen.append((z2[:n].float().cpu(), *(x.cpu() for x in e.chunk(2))))
         return e
@@ -449,9 +449,9 @@ class AdvUnlearnTrainer:
             seed = self.config.seed
             steps, guidance = self.r["ddim_steps"], self.config.guidance
             self.pool = LatentPool(self.pipe, self.adapter, self.prompts, self.config.pool_size, steps, guidance,
-                                   seed, tr.autocast())
+                                   seed, tr.autocast)
             self.retain_pool = LatentPool(self.pipe, self.adapter, self.retain, min(self.config.pool_size, 1), steps,
-                                          guidance, seed + 1, tr.autocast())
+                                          guidance, seed + 1, tr.autocast)
             edit = tr.fit(lambda i: self.loss(i, tr.rng), manifest=self.manifest())
         losses = self.attack_losses
         edit.manifest["attacks"] = {"runs": len(losses), "last_loss": losses[-1] if losses else None,

@@ -31,8 +31,13 @@ Data (salun.md section 4), chosen by ``preset``:
 
 Defaults (salun.md "Defaults (toolkit)"): full UNet, global top 50 %, w = 7.5, Adam lr 1e-5 with no
 weight decay, alpha 0.5, batch 8 + 8, 5 epochs over D_f, shuffled cycling loader. The ``canvas``
-preset (chosen on canvas-mini) uses lr 3e-4, 100 steps and 8 forget images per caption, 1 retain image per
-caption, so that a concept finishes in minutes on a 2-core CPU.
+preset (chosen on canvas-mini) uses 100 steps, 8 forget images per caption, 1 retain image per
+caption, so that a concept finishes in minutes on a 2-core CPU, and trains (and masks) the
+cross-attention layers only (``param_set="xattn"``) with lr 1e-4 for styles and 3e-4 when every
+concept is an object. Chosen by ``benchmarks/sweep_erasure.py`` over 4 styles and 4 objects
+(benchmarks/sweeps/results/salun_*.jsonl): the full UNet at lr 1e-4 to 3e-4 forgot but kept other
+styles at 62-81 % (IRA); cross-attention at 1e-4 kept them at 94-100 % and forgot styles, and
+objects needed 3e-4. Deviation: the paper masks and trains the whole UNet (``param_set="full"``).
 Deviations: generated sets keep the sampler's final latents instead of decoding and re-encoding
 them; one shared noisy latent serves both forget branches (the reference encodes two VAE samples).
 """
@@ -54,10 +59,14 @@ from .registry import check, register
 
 NUDITY = ("a photo of a nude person", "a photo of a person wearing clothes")
 PRESETS = {  # steps None: 5 epochs over the forget set
-    "canvas": dict(steps=100, lr=3e-4, alpha=0.5, images_per_prompt=8, retain_images_per_prompt=1),
-    "nudity": dict(steps=100, lr=1e-5, alpha=0.1, images_per_prompt=800, retain_images_per_prompt=800),
-    "custom": dict(steps=None, lr=1e-5, alpha=0.5, images_per_prompt=8, retain_images_per_prompt=8),
+    "canvas": dict(steps=100, lr=1e-4, alpha=0.5, images_per_prompt=8, retain_images_per_prompt=1,
+                   param_set="xattn"),
+    "nudity": dict(steps=100, lr=1e-5, alpha=0.1, images_per_prompt=800, retain_images_per_prompt=800,
+                   param_set="full"),
+    "custom": dict(steps=None, lr=1e-5, alpha=0.5, images_per_prompt=8, retain_images_per_prompt=8,
+                   param_set="full"),
 }
+CANVAS_OBJECT_LR = 3e-4  # the canvas preset's lr when every concept is a canvas object
 
 
 @dataclass
@@ -67,7 +76,8 @@ class SalUnConfig(TrainConfig):
     mask_ratio: float = field(default=0.5, metadata={"help": "share of weights the saliency mask keeps"})
     mask_guidance: float = field(default=7.5, metadata={"help": "w of the (1+w) CFG prediction in the mask loss"})
     alpha: float | None = field(default=None, metadata={"help": "weight of the retain loss"})
-    param_set: str = field(default="full", metadata={"help": "trained (and masked) parameters: full or xattn"})
+    param_set: str | None = field(default=None, metadata={
+        "help": "trained (and masked) parameters: full or xattn (preset: xattn on canvas, else full)"})
     batch_size: int = field(default=8, metadata={"help": "forget and retain images per step (each)"})
     preset: str = field(default="auto", metadata={"help": "auto, canvas, nudity or custom"})
     pseudo: str | None = field(default=None, metadata={"help": "what the concept is mapped to"})
@@ -107,6 +117,7 @@ class Plan:
     pseudo_of: dict[str, str] = field(default_factory=dict)
     concept_texts: list[str] = field(default_factory=list)
     pseudo: str | None = None
+    kinds: frozenset = frozenset()   # canvas preset: the kinds ("style", "object") of the concepts
 
     def pseudo_prompt(self, prompt: str) -> str:
         if prompt in self.pseudo_of:
@@ -139,7 +150,7 @@ def _canvas_plan(concepts: list[str], pseudo: str | None) -> Plan:
                 s2 = swap("style", s) if ("style", s) in targets else s
                 o2 = swap("object", o) if ("object", o) in targets else o
                 pseudo_of[caption(o, s)] = caption(o2.replace("_", " "), s2)
-    return Plan("canvas", forget, retain, pseudo_of)
+    return Plan("canvas", forget, retain, pseudo_of, kinds=frozenset(kind for kind, _ in targets))
 
 
 def make_plan(concepts: list[str], config: SalUnConfig) -> Plan:
@@ -199,6 +210,8 @@ def _resolve(plan: Plan, config: SalUnConfig) -> dict:
     opts = {"preset": plan.preset}
     for key, value in PRESETS[plan.preset].items():
         opts[key] = getattr(config, key) if getattr(config, key) is not None else value
+    if plan.preset == "canvas" and config.lr is None and plan.kinds == {"object"}:
+        opts["lr"] = CANVAS_OBJECT_LR
     return opts
 
 
@@ -228,7 +241,7 @@ class _SalUnRun:
         self.pipe, self.config = pipe, config
         self.plan = make_plan(concepts, config)
         self.opts = _resolve(self.plan, config)
-        self.params = select_params(pipe, config.param_set)  # fail on a bad set before generating data
+        self.params = select_params(pipe, self.opts["param_set"])  # fail on a bad set before generating data
         self.forget, self.retain = _image_sets(pipe, self.plan, config, self.opts)
         self.pseudo = {p: self.plan.pseudo_prompt(p) for p in set(self.forget.prompts)}
         texts = sorted(set(self.forget.prompts) | set(self.pseudo.values()) | set(self.retain.prompts) | {""})
