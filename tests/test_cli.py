@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from erasekit.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from erasekit.errors import ConfigError
 
 SUBCOMMANDS = ["erase", "attack", "eval", "demo", "preview", "bench", "methods", "env"]
 
@@ -84,6 +85,17 @@ def test_methods_lists_registered_methods_and_options(capsys):
         assert [o["name"] for o in listed[name]["options"]] == [o[0] for o in get_method(name)[0].options()]
     code, out, _ = run(capsys, "methods", "rece")
     assert code == EXIT_OK and out.startswith("rece: ") and "erase_scale" in out
+
+
+def test_options_take_json_lists_and_comma_lists():
+    from erasekit.cli.options import parse_options
+    from erasekit.erase.esd import ESDConfig
+
+    got = parse_options(['erase_from=["A Cats image, at dusk.", "B"]', "prompts=x, y", "eta=2"], ESDConfig)
+    assert got == {"erase_from": ["A Cats image, at dusk.", "B"], "prompts": ["x", "y"], "eta": 2.0}
+    assert parse_options(["erase_from=a hat"], ESDConfig) == {"erase_from": "a hat"}
+    with pytest.raises(ConfigError, match="`prompts`"):
+        parse_options(['prompts=["x",'], ESDConfig)
 
 
 def test_env_reports_versions(capsys):

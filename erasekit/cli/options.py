@@ -24,7 +24,10 @@ def _convert(raw: str, tp, name: str):
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if raw.lower() in ("none", "null") and type(None) in args:
             return None
-        for arg in [a for a in args if a is not type(None)]:
+        choices = [a for a in args if a is not type(None)]
+        if raw.startswith("["):  # a JSON list goes to the list member of the union first
+            choices.sort(key=lambda a: typing.get_origin(a) not in (list, tuple))
+        for arg in choices:
             try:
                 return _convert(raw, arg, name)
             except ConfigError:
@@ -32,7 +35,14 @@ def _convert(raw: str, tp, name: str):
         raise ConfigError(f"option `{name}` must be a {_type_name(tp)} but is {raw!r}")
     if origin in (list, tuple):
         item = args[0] if args else str
-        values = [_convert(v.strip(), item, name) for v in raw.split(",") if v.strip()]
+        if raw.startswith("["):   # JSON: ["a, b", "c"] keeps commas inside items
+            try:
+                items = json.loads(raw)
+            except ValueError:
+                raise ConfigError(f"option `{name}` looks like a JSON list but does not parse: {raw!r}") from None
+            values = [_convert(str(v), item, name) for v in items]
+        else:
+            values = [_convert(v.strip(), item, name) for v in raw.split(",") if v.strip()]
         return values if origin is list else tuple(values)
     if origin is typing.Literal:
         if raw not in [str(a) for a in args]:
