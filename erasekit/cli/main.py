@@ -174,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
 
-    p = add("bench", cmd_bench, "run the benchmarks in benchmarks/ (all, or the named ones); arguments after "
+    p = add("bench", cmd_bench, "run the benchmarks in benchmarks/ (every bench_*.py, or the named ones); arguments after "
             "`--` go to each benchmark script")
-    p.add_argument("name", nargs="*", help="benchmark names (default: all)")
+    p.add_argument("name", nargs="*", help="benchmark names (default: every bench_*.py)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
 
     p = add("methods", cmd_methods, "list the erasure methods and their options")
