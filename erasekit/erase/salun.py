@@ -35,9 +35,9 @@ preset (chosen on canvas-mini) uses 100 steps, 8 forget images per caption, 1 re
 caption, so that a concept finishes in minutes on a 2-core CPU, and trains (and masks) the
 cross-attention layers only (``param_set="xattn"``) with lr 1e-4 for styles and 3e-4 when every
 concept is an object. Chosen by ``benchmarks/sweep_erasure.py`` over 4 styles and 4 objects
-(benchmarks/sweeps/results/salun_*.jsonl): the full UNet at lr 1e-4 to 3e-4 forgot but kept other
-styles at 62-81 % (IRA); cross-attention at 1e-4 kept them at 94-100 % and forgot styles, and
-objects needed 3e-4. Deviation: the paper masks and trains the whole UNet (``param_set="full"``).
+(benchmarks/sweeps/results/salun_*.jsonl): the full UNet at lr 1e-4 to 3e-4 kept other styles at
+62-82 % (IRA); cross-attention at 1e-4 kept them at 94-100 % and forgot styles, and objects
+needed 3e-4. Deviation: the paper masks and trains the whole UNet (``param_set="full"``).
 Deviations: generated sets keep the sampler's final latents instead of decoding and re-encoding
 them; one shared noisy latent serves both forget branches (the reference encodes two VAE samples).
 """
