@@ -6,7 +6,8 @@
 
 For each concept: erase it from the base model (wall time and peak memory from the Edit's manifest),
 generate the 10 x 10 grid ``"A {object} image in {style} style."`` x ``--seeds`` seeds with the Edit
-applied (DDIM 25 steps, guidance 7.5), and classify with the canvas judge:
+applied (DDIM 25 steps, guidance 7.5; an SFD generator through its one-step sampler), and classify
+with the canvas judge:
 
 - UA  = 1 - accuracy of the target's head on the target's own images,
 - IRA = mean accuracy of the same head over the other labels' images (in-domain retain),
@@ -55,6 +56,16 @@ def score(judge, images, cells, target: str | None) -> dict:
                IRA=float((pred[head][~own] == truth[head][~own]).mean()),
                CRA=float((pred[other] == truth[other]).mean()))
     return out
+
+
+def edited_images(pipe, edit, prompts, seeds, sampling):
+    """The grid with ``edit``: applied to ``pipe``, or through the one-step sampler for an SFD generator."""
+    from erasekit.pipelines import generate, one_step_pipeline
+
+    if edit.manifest.get("sampler") == "one_step":
+        return generate(one_step_pipeline(pipe, edit), prompts, seeds, sampling)
+    with edit.applied(pipe):
+        return generate(pipe, prompts, seeds, sampling)
 
 
 def mask_check(pipe, edit, concept: str, options: dict) -> dict:
@@ -121,8 +132,7 @@ def main() -> None:
         edit = erasekit.erase(pipe, args.method, [concept], **options)
         cpu_s = time.process_time() - cpu0
         t0 = time.perf_counter()
-        with edit.applied(pipe):
-            images = generate(pipe, prompts, seeds, sampling)
+        images = edited_images(pipe, edit, prompts, seeds, sampling)
         row = {"concept": concept, **score(judge, images, cells, concept),
                "erase_s": edit.manifest["wall_time_s"], "erase_cpu_s": round(cpu_s, 1),
                "peak_memory_bytes": edit.manifest["peak_memory_bytes"],

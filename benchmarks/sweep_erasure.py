@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from canvas_erasure import grid, score  # noqa: E402
+from canvas_erasure import edited_images, grid, score  # noqa: E402
 
 
 def main() -> None:
@@ -62,8 +62,7 @@ def main() -> None:
             break
         try:
             edit = erasekit.erase(pipe, cfg["method"], [cfg["concept"]], **cfg.get("options", {}))
-            with edit.applied(pipe):
-                images = generate(pipe, prompts, seeds, sampling)
+            images = edited_images(pipe, edit, prompts, seeds, sampling)
             row = {**cfg, **score(judge, images, cells, cfg["concept"]), "erase_s": edit.manifest["wall_time_s"],
                    "peak_memory_bytes": edit.manifest["peak_memory_bytes"], "device": args.device}
         except Exception as e:  # noqa: BLE001 - a sweep records failures and goes on

@@ -156,6 +156,19 @@ def test_one_step_pipeline_refuses_multi_step_edit(tiny_sd1):
         one_step_pipeline(tiny_sd1, Edit.from_weights(tiny_sd1, w, {"method": "esd"}))
 
 
+def test_a_one_step_edit_is_refused_by_multi_step_apply(tiny_sd1):
+    w = {f"unet/{n}": p.detach() + 0.01 for n, p in list(tiny_sd1.unet.named_parameters())[:1]}
+    edit = Edit.from_weights(tiny_sd1, w, {"method": "sfd", "sampler": "one_step", "generator_timestep": 625})
+    before = {k: v.clone() for k, v in tiny_sd1.unet.state_dict().items()}
+    with pytest.raises(EditError, match="one_step_pipeline"):
+        edit.apply(tiny_sd1)
+    with pytest.raises(EditError, match="one-step generator"):
+        with edit.applied(tiny_sd1):
+            pass
+    assert all(torch.equal(v, before[k]) for k, v in tiny_sd1.unet.state_dict().items())
+    one_step_pipeline(tiny_sd1, edit)   # the one-step sampler still takes it
+
+
 def test_one_step_latents_is_x0_prediction_at_t_init(tiny_sd1):
     abar = alphas_cumprod(tiny_sd1.scheduler)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))

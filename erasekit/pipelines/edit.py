@@ -193,6 +193,11 @@ class Edit:
         """Write the edited weights into ``pipe`` in place (after :meth:`check`); returns ``pipe``."""
         if id(pipe) in self._backups:
             raise EditError("this Edit is already applied to this pipeline; remove() it first")
+        if self.manifest.get("sampler") == "one_step":   # SFD: its UNet is a generator, not a denoiser
+            raise EditError(f"this Edit (method {self.manifest.get('method')!r}) is a one-step generator: applied to "
+                            "a multi-step pipeline it would be sampled wrongly. Build its sampler with "
+                            "erasekit.pipelines.one_step_pipeline(pipe, edit) and pass that pipeline to "
+                            "generate / attack / evaluate instead")
         if check:
             self.check(pipe)
         params = {k: _param(pipe, k) for k in self.keys}
