@@ -4,6 +4,7 @@
     python benchmarks/bench_advunlearn.py --variants ours,no_ckpt --attack-steps 1 --threads 2
     python benchmarks/bench_advunlearn.py --small                 # the script itself, on a tiny model
     python benchmarks/bench_advunlearn.py --canvas Van_Gogh Pop_Art Cubism Winter Cats Towers Flowers Fishes
+    python benchmarks/bench_advunlearn.py --canvas Van_Gogh --methods advunlearn --option advunlearn.lr=3e-4
 
 ``--canvas`` (acceptance, issue 6): for each target, erase it from canvas-mini with ESD and with
 AdvUnlearn (both at their defaults), then for each Edit (1) UnlearnDiffAtk with the same budget
@@ -32,6 +33,7 @@ counted from the modules built here. Prints a table and writes JSON to benchmark
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -171,6 +173,15 @@ def canvas_acceptance(args) -> None:
         "attack": "unlearndiffatk, default config (same for both methods)", "attack_prompts": "10 captions, seed 0",
         "grid": f"10 x 10 captions x {args.seeds} seeds", "sampling": Sampling().to_dict(), "judge": judge.describe(),
         "threads": args.threads}})
+    options = {}   # --option method.key=value
+    for text in args.option:
+        name, _, value = text.partition("=")
+        method, _, key = name.partition(".")
+        try:
+            options.setdefault(method, {})[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options.setdefault(method, {})[key] = value
+    report["protocol"]["options"] = options
     done = {(r["concept"], r["method"]) for r in report["rows"]}
     for concept in args.canvas:
         head, _ = judge.find(concept)
@@ -180,7 +191,7 @@ def canvas_acceptance(args) -> None:
             if (concept, method) in done:
                 continue
             c0, t0 = time.process_time(), time.perf_counter()
-            edit = erasekit.erase(pipe, method, [text], progress=False)
+            edit = erasekit.erase(pipe, method, [text], progress=False, **options.get(method, {}))
             erase_cpu, erase_wall = time.process_time() - c0, time.perf_counter() - t0
             if args.edits:
                 edit.save(Path(args.edits) / f"{method}_{concept}.safetensors")
@@ -228,6 +239,7 @@ def main() -> None:
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # child process: run this variant
     p.add_argument("--canvas", nargs="*", default=None, help="acceptance run on canvas-mini for these targets")
     p.add_argument("--methods", default="esd,advunlearn", help="--canvas: methods compared")
+    p.add_argument("--option", action="append", default=[], help="--canvas: method.key=value, e.g. advunlearn.lr=3e-4")
     p.add_argument("--pipeline", default="canvas-mini", help="--canvas: the base model")
     p.add_argument("--judge", default=None, help="--canvas: judge folder (default assets/canvas-judge)")
     p.add_argument("--seeds", type=int, default=1, help="--canvas: seeds per grid caption")
