@@ -96,10 +96,13 @@ def test_text_encoder_without_inputs_embeds_is_refused(tiny_sd1):
 def test_presets_scale_with_the_model(tiny_sd1):
     small = preset(tiny_sd1, ["Van Gogh"], AdvUnlearnConfig())
     assert small["steps"] < 1000 and small["warmup"] == small["steps"] // 5 and small["gamma"] == 0.5
+    assert (small["k"], small["lr"]) == (3, 1e-3)
+    assert preset(tiny_sd1, ["Van Gogh"], AdvUnlearnConfig(k=2, lr=5e-4))["k"] == 2
     tiny_sd1.unet.register_to_config(sample_size=64)   # what a full-size SD 1.x UNet reports
     full = preset(tiny_sd1, ["nudity"], AdvUnlearnConfig(attack="fast_at"))
     assert (full["steps"], full["lr"], full["warmup"], full["attack_steps"], full["gamma"], full["ddim_steps"]) == \
         (1000, 1e-5, 200, 1, 0.3, 50)
+    assert full["k"] == 1   # the reference CLI's budget
     assert full["gradient_checkpointing"] and full["mixed_precision"] == "no"   # bf16 only on GPU
 
 

@@ -18,8 +18,11 @@ Defaults (advunlearn.md "Defaults"; full-size models, latents > 32 px): 1000 ite
 warm-up 200, ``text-encoder-full`` (all transformer layers + final layer norm; token and position
 embeddings frozen), PGD attack 30 Adam steps lr 1e-3 on k=1 prefix embeddings refreshed every
 iteration from random-token init, retain batch 5, gamma 0.5 (0.3 for nudity), eta 1, CFG 3, 50 DDIM
-steps, ``retain_train='reg'``. On small models (canvas-mini) the iteration budget is scaled down and
-the lr up (:func:`preset`); every resolved value is recorded in the Edit's manifest.
+steps, ``retain_train='reg'``. On small models (canvas-mini) the iteration budget is scaled down,
+the lr up (1e-3) and the prefix is k = 3 tokens, the reference function's default and
+UnlearnDiffAtk's (:func:`preset`); every resolved value is recorded in the Edit's manifest. On
+canvas-mini's four benchmark styles k = 1 with lr 1e-4 left UA 60-100 % and UnlearnDiffAtk ASR 35 %
+(H100 run), k = 3 with lr 1e-3 UA 100 % and ASR 10 % (CPU; README "AdvUnlearn against ESD").
 
 Efficiency (section 7): one frozen UNet (``requires_grad`` off: only activations flow back to the
 encoder); no copy of the original encoder -- tau_o is only ever needed on fixed prompts ("",
@@ -97,7 +100,8 @@ class AdvUnlearnConfig(TrainConfig):
     layers: int | None = field(default=None, metadata=_h("train only the first N encoder layers (None: all)"))
     encoders: str = field(default="all", metadata=_h("SDXL: 'all' trains both text encoders, 'first' only the first"))
     warmup: int | None = field(default=None, metadata=_h("iterations on the clean prompt, without attack"))
-    k: int = field(default=1, metadata=_h("adversarial prefix tokens (continuous embeddings after SOT)"))
+    k: int | None = field(default=None, metadata=_h(
+        "adversarial prefix tokens after SOT (None: 1 on full-size models, 3 on small ones)"))
     attack: str = field(default="pgd", metadata=_h("inner attack: pgd (Adam on delta) or fast_at (signed steps)"))
     attack_steps: int | None = field(default=None, metadata=_h("inner steps (None: preset for pgd, 1 for fast_at)"))
     attack_lr: float = field(default=1e-3, metadata=_h("inner attack learning rate"))
@@ -128,8 +132,8 @@ class AdvUnlearnConfig(TrainConfig):
             super().validate()
         finally:
             self.mixed_precision = mp
-        check(not isinstance(self.k, bool) and isinstance(self.k, int) and self.k >= 1,
-              f"`k` must be an integer >= 1 (prefix tokens) but is {self.k!r}")
+        check(self.k is None or (not isinstance(self.k, bool) and isinstance(self.k, int) and self.k >= 1),
+              f"`k` must be an integer >= 1 (prefix tokens) or None but is {self.k!r}")
         check(self.layers is None or self.layers >= 1, f"`layers` must be >= 1 or None but is {self.layers}")
         check(self.encoders in ("all", "first"), f"`encoders` must be 'all' or 'first' but is {self.encoders!r}")
         check(self.warmup is None or self.warmup >= 0, f"`warmup` must be >= 0 but is {self.warmup}")
@@ -164,14 +168,15 @@ def preset(pipe, concepts: list[str], config: AdvUnlearnConfig) -> dict:
     Full-size models get the reference values; small ones (UNet latents of at most 32 px, as ESD's
     ``small`` preset: canvas-mini, 16 px latents and a 64-wide 3-layer encoder) a budget that runs
     in minutes on a CPU, with a larger lr so the much smaller encoder moves as far in fewer steps,
-    and ESD's 20 DDIM steps for the latents.
+    k = 3 prefix tokens instead of 1, and ESD's 20 DDIM steps for the latents.
     """
     full = int(pipe.unet.config.sample_size) > 32
     steps = config.steps or (1000 if full else 300)
     pgd_steps = 30 if full else 10
     cuda = pipe.unet.device.type == "cuda"
     return {
-        "steps": steps, "lr": config.lr if config.lr is not None else (1e-5 if full else 1e-4),
+        "steps": steps, "lr": config.lr if config.lr is not None else (1e-5 if full else 1e-3),
+        "k": config.k or (1 if full else 3),
         "warmup": config.warmup if config.warmup is not None else steps // 5,
         "attack_steps": config.attack_steps or (pgd_steps if config.attack == "pgd" else 1),
         "ddim_steps": config.ddim_steps or (50 if full else 20),
@@ -364,7 +369,7 @@ class AdvUnlearnTrainer:
 
         self.pipe, self.adapter, self.config, self.r = pipe, adapter, config, resolved
         self.prompts, self.retain = prompts, retain
-        self.prefix = PrefixPrompts(adapter, prompts, config.k)
+        self.prefix = PrefixPrompts(adapter, prompts, resolved["k"])
         self.per_prompt = [self.prefix.subset([i]) for i in range(len(prompts))]
         self.delta: list[torch.Tensor] | None = None
         self.attacked_at = -1
@@ -499,8 +504,8 @@ def advunlearn(pipe, concepts: list[str], config: AdvUnlearnConfig):
     check_inputs_embeds(adapter)
     prompts = concept_prompts(concepts, config.prompts)
     retain = retain_prompts(concepts, config.retain)
-    PrefixPrompts(adapter, prompts, config.k)  # refuses prompts that do not fit with the prefix
     resolved = preset(pipe, concepts, config)
+    PrefixPrompts(adapter, prompts, resolved["k"])  # refuses prompts that do not fit with the prefix
     params = trainable_params(pipe, config)
     engine_cfg = dataclasses.replace(config, mixed_precision=resolved["mixed_precision"], gradient_checkpointing=False)
     return AdvUnlearnTrainer(pipe, adapter, prompts, retain, config, resolved).fit(params, engine_cfg)
