@@ -33,7 +33,6 @@ counted from the modules built here. Prints a table and writes JSON to benchmark
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import platform
@@ -162,6 +161,7 @@ def canvas_acceptance(args) -> None:
     from erasekit.canvas.world import OBJECTS, STYLES, caption, style_text
     from erasekit.eval.judges import CanvasJudge
     from erasekit.pipelines import Sampling, generate
+    from canvas_erasure import parse_option   # this script's folder is on sys.path
 
     torch.set_num_threads(args.threads)
     pipe = erasekit.load_pipeline(args.pipeline, device=args.device)
@@ -175,12 +175,9 @@ def canvas_acceptance(args) -> None:
         "threads": args.threads}})
     options = {}   # --option method.key=value
     for text in args.option:
-        name, _, value = text.partition("=")
+        name, value = parse_option(text)
         method, _, key = name.partition(".")
-        try:
-            options.setdefault(method, {})[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options.setdefault(method, {})[key] = value
+        options.setdefault(method, {})[key] = value
     report["protocol"]["options"] = options
     done = {(r["concept"], r["method"]) for r in report["rows"]}
     for concept in args.canvas:

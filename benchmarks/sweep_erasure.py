@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from canvas_erasure import edited_images, grid, score  # noqa: E402
+from canvas_erasure import edited_images, grid, score   # this script's folder is on sys.path
 
 
 def main() -> None:
