@@ -160,7 +160,7 @@ def canvas_acceptance(args) -> None:
     import erasekit
     from erasekit.canvas.world import OBJECTS, STYLES, caption, style_text
     from erasekit.eval.judges import CanvasJudge
-    from erasekit.pipelines import Sampling, generate
+    from erasekit.pipelines import Edit, Sampling, generate
     from canvas_erasure import parse_option   # this script's folder is on sys.path
 
     torch.set_num_threads(args.threads)
@@ -187,19 +187,23 @@ def canvas_acceptance(args) -> None:
         for method in args.methods.split(","):
             if (concept, method) in done:
                 continue
+            saved = Path(args.edits) / f"{method}_{concept}.safetensors" if args.edits else None
             c0, t0 = time.process_time(), time.perf_counter()
-            edit = erasekit.erase(pipe, method, [text], progress=False, **options.get(method, {}))
-            erase_cpu, erase_wall = time.process_time() - c0, time.perf_counter() - t0
-            if args.edits:
-                edit.save(Path(args.edits) / f"{method}_{concept}.safetensors")
+            if saved is not None and saved.exists():   # an earlier run's Edit: erasure time not re-measured
+                edit, erase_cpu, erase_wall = Edit.load(saved, pipe), None, None
+            else:
+                edit = erasekit.erase(pipe, method, [text], progress=False, **options.get(method, {}))
+                erase_cpu, erase_wall = round(time.process_time() - c0, 1), round(time.perf_counter() - t0, 1)
+                if saved is not None:
+                    edit.save(saved)
             res = erasekit.attack(pipe, targets, concept, judge=judge, seeds=[0] * len(targets), edit=edit,
-                                  progress=False)
+                                  progress=False, **options.get("attack", {}))
             with edit.applied(pipe):
                 images = generate(pipe, prompts, seeds)
             row = {"concept": concept, "method": method, **score(judge, images, cells, concept),
                    "ASR": res.asr, "pre_ASR": res.pre_asr, "attack_wall_s": res.protocol["wall_time_s"],
-                   "attack_config": res.config, "erase_cpu_s": round(erase_cpu, 1),
-                   "erase_wall_s": round(erase_wall, 1), "preset": edit.manifest.get("preset") or
+                   "attack_config": res.config, "erase_cpu_s": erase_cpu,
+                   "erase_wall_s": erase_wall, "preset": edit.manifest.get("preset") or
                    edit.manifest.get("resolved")}
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
@@ -208,16 +212,21 @@ def canvas_acceptance(args) -> None:
     summarize(report, out)
 
 
+def _mean(values) -> float | None:
+    """Mean of the measured values (erasure times of loaded Edits are None)."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def summarize(report: dict, out: Path) -> None:
     """Mean ASR / UA / IRA / CRA / erasure CPU time per method and head; written into ``out``."""
-    import numpy as np
 
     summary = {}
     for method in sorted({r["method"] for r in report["rows"]}):
         for head in ("style", "object"):
             sel = [r for r in report["rows"] if r["method"] == method and r["head"] == head]
             if sel:
-                summary[f"{method}/{head}"] = {k: float(np.mean([r[k] for r in sel])) for k in
+                summary[f"{method}/{head}"] = {k: _mean([r[k] for r in sel]) for k in
                                                ("ASR", "pre_ASR", "UA", "IRA", "CRA", "erase_cpu_s")} | {
                     "n": len(sel), "targets": [r["concept"] for r in sel]}
     report["summary"] = summary
@@ -236,12 +245,14 @@ def main() -> None:
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # child process: run this variant
     p.add_argument("--canvas", nargs="*", default=None, help="acceptance run on canvas-mini for these targets")
     p.add_argument("--methods", default="esd,advunlearn", help="--canvas: methods compared")
-    p.add_argument("--option", action="append", default=[], help="--canvas: method.key=value, e.g. advunlearn.lr=3e-4")
+    p.add_argument("--option", action="append", default=[], help="--canvas: method.key=value, e.g. advunlearn.lr=3e-4; attack.key=value changes the "
+                   "attack of both methods, e.g. attack.k=5")
     p.add_argument("--pipeline", default="canvas-mini", help="--canvas: the base model")
     p.add_argument("--judge", default=None, help="--canvas: judge folder (default assets/canvas-judge)")
     p.add_argument("--seeds", type=int, default=1, help="--canvas: seeds per grid caption")
     p.add_argument("--resume", action="store_true", help="--canvas: keep rows already in the results file")
-    p.add_argument("--edits", default=None, help="--canvas: folder to save every Edit in")
+    p.add_argument("--edits", default=None, help="--canvas: folder to save every Edit in; an Edit already there is loaded instead of "
+                   "erasing again (its erasure time is then not measured)")
     p.add_argument("--out", default=None, help="--canvas: results file (default results/advunlearn_canvas.json)")
     p.add_argument("--merge", nargs="*", default=None, help="merge --canvas result files into results/"
                                                               "advunlearn_canvas.json and print the summary")

@@ -7,6 +7,7 @@
     python benchmarks/bench_attack.py --edit-cache /tmp/edits          # erase once, reuse the Edits
     python benchmarks/bench_attack.py --erasers uce rece --runs none fast --skip-batching  # RECE vs UCE
     python benchmarks/bench_attack.py --erase-option esd:lr=5e-4 --baselines --baseline-rounds 5 --objects 5
+    python benchmarks/bench_attack.py --variant wide 't_range=(0, 1000)' --runs none fast wide  # schedule variants
 
 Efficacy and cost (one run): for each eraser (UCE, ESD) and style, erase the style from canvas-mini,
 take the captions "A {object} image in {style} style." for the first ``--objects`` objects at seed 0,
@@ -72,6 +73,9 @@ def efficacy(pipe, judge, args) -> dict:
     if args.baselines:
         runs |= {"seed_search": {"method": "seed_search", "rounds": args.baseline_rounds},
                  "random_prefix": {"method": "random_prefix", "rounds": args.baseline_rounds, "k": args.k}}
+    for name, *pairs in args.variant or []:
+        base, _, name = name.rpartition(":")
+        runs[name] = {**runs[base or "fast"], **_options(pairs, "")}
     if args.runs:
         runs = {name: kw for name, kw in runs.items() if name in args.runs}
     out = {}
@@ -204,6 +208,9 @@ def main() -> None:
     ap.add_argument("--baseline-rounds", type=int, default=10)
     ap.add_argument("--runs", nargs="+", default=None,
                     help="attacks to run (none fast reference seed_search random_prefix); default: all enabled")
+    ap.add_argument("--variant", nargs="+", action="append", metavar=("[BASE:]NAME", "KEY=VALUE"),
+                    help="an extra attack run: BASE (default fast) with options changed, e.g. "
+                         "--variant wide 't_range=(0, 1000)' (repeatable)")
     ap.add_argument("--skip-efficacy", action="store_true")
     ap.add_argument("--skip-batching", action="store_true")
     ap.add_argument("--batch-prompts", type=int, default=16)

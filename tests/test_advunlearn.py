@@ -13,7 +13,7 @@ from torch import nn
 import erasekit
 from erasekit.errors import ConfigError, TrainingError
 from erasekit.erase.advunlearn import (AdvUnlearnConfig, AdvUnlearnTrainer, LatentPool, concept_prompts, overlaps,
-                                       preset, retain_prompts)
+                                       preset, prompt_attributes, retain_prompts)
 from erasekit.pipelines import FamilyAdapter, Sampling, generate
 
 RETAIN = ["a photo of a cat", "a photo of a dog", "a photo of a tree"]
@@ -74,6 +74,15 @@ def test_concept_prompts_use_canvas_captions_for_canvas_labels():
                                                    "Pop Art", "Ukiyoe", "Van Gogh", "Watercolor", "Winter")]
     assert concept_prompts(["nudity"], "auto") == ["nudity"]
     assert concept_prompts(["Cats"], "concept") == ["Cats"]
+
+
+def test_canvas_labels_get_the_attribute_form_other_concepts_the_whole_prompt():
+    prompts = concept_prompts(["Cats", "nudity"], "auto")
+    attrs = prompt_attributes(["Cats", "nudity"], prompts, AdvUnlearnConfig())
+    assert attrs == ["A Cats image."] * 10 + ["nudity"]
+    assert prompt_attributes(["Van_Gogh"], concept_prompts(["Van_Gogh"]), AdvUnlearnConfig()) == ["Van Gogh style."] * 10
+    assert prompt_attributes(["Cats"], prompts[:10], AdvUnlearnConfig(canvas_prompts="caption")) is None
+    assert prompt_attributes(["nudity"], ["nudity"], AdvUnlearnConfig()) is None
 
 
 def test_text_encoder_without_inputs_embeds_is_refused(tiny_sd1):
@@ -179,6 +188,21 @@ def test_pool_predictions_are_the_frozen_models(tiny_sd1):
     assert int(d.t) == int(pool.timesteps[2])
     fresh = LatentPool(tiny_sd1, adapter, ["a dog"], size=0, steps=3, guidance=3.0, seed=0)
     assert fresh.draw([0], step=1, gen=torch.Generator().manual_seed(0)).z.shape == d.z.shape
+    assert d.eps_a is None
+
+
+@pytest.mark.parametrize("size", [2, 0])
+def test_pool_attribute_predictions_are_the_frozen_models_at_the_same_latent(tiny_sd1, size):
+    adapter = FamilyAdapter(tiny_sd1)
+    pool = LatentPool(tiny_sd1, adapter, ["Van Gogh", "a dog"], size=size, steps=3, guidance=3.0, seed=0,
+                      attributes=["a cat", "a dog"])
+    for p, text in ((0, "a cat"), (1, "a dog")):
+        d = pool.draw([p], step=1, gen=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            eps_a = tiny_sd1.unet(d.z, d.t, **adapter.encode([text]).unet_kwargs(tiny_sd1)).sample
+        torch.testing.assert_close(d.eps_a, eps_a, rtol=1e-4, atol=1e-5)
+        if text == "a dog":   # the prompt as its own attribute: the conditional prediction itself
+            torch.testing.assert_close(d.eps_a, d.eps_c, rtol=1e-4, atol=1e-5)
 
 
 def test_pool_enters_a_fresh_autocast_context_for_every_unet_call(tiny_sd1):

@@ -18,7 +18,7 @@ from erasekit.eval.judges import Judge
 from erasekit.pipelines import Edit, Sampling
 
 FAST = Sampling(steps=3, batch_size=16)
-SHORT = {"steps_per_block": 2, "blocks": 2, "block_growth": 1.0}
+SHORT = {"steps_per_block": 2, "blocks": 2, "block_growth": 1.0, "restarts": 1}
 
 
 class ToneJudge(Judge):
@@ -131,7 +131,11 @@ def test_schedules():
     ref = UnlearnDiffAttackConfig(schedule="reference").plan()
     assert block_lengths(ref) == [40] * 50  # 2,000 steps, t = 10, 30, ..., 990
     assert [ascending_timestep(b, 50, 1000) for b in range(50)] == list(range(10, 1000, 20))
-    assert block_lengths(UnlearnDiffAttackConfig().plan()) == [10, 20, 40, 80, 160]
+    fast = UnlearnDiffAttackConfig().plan()
+    assert block_lengths(fast) == [10] * 30 and (fast["restarts"], ref["restarts"]) == (1, 1)
+    assert (fast["screen_steps"], ref["screen_steps"], fast["lr"], ref["lr"]) == (8, None, 0.03, 0.01)
+    assert UnlearnDiffAttackConfig(lr=0.5, screen_steps=0).plan() | {"lr": 0, "screen_steps": 0} == fast | {
+        "lr": 0, "screen_steps": 0}
     assert block_lengths(UnlearnDiffAttackConfig(steps_per_block=3, blocks=3, block_growth=1.5).plan()) == [3, 4, 7]
 
 
@@ -172,6 +176,41 @@ def test_early_stop_drops_broken_prompts_from_the_batch(tiny_sd1):
     assert rest[0].success and rest[0].step == 4  # the next call's first image is the next active prompt
     assert rest[1].grad_steps == 6 and rest[1].unet_evals > first.unet_evals
     assert res.asr == pytest.approx(100.0) and res.pre_asr == 0.0
+
+
+def test_restarts_repeat_the_blocks_and_count_their_cost(tiny_sd1):
+    res = attack(tiny_sd1, ["a cat"], "bright", judge=ToneJudge(255), sampling=FAST, progress=False,
+                 steps_per_block=2, blocks=2, block_growth=1.0, restarts=2)
+    (p,) = res.prompts
+    gen = FAST.steps * 2   # one judged generation with CFG
+    assert (p.grad_steps, p.rounds, p.unet_evals) == (8, 4, gen + 8 + 4 * gen)
+    assert res.config["restarts"] == 2
+
+
+class EvenCallJudge(ToneJudge):
+    """Hits the first image of every even call: with screening, every screen and no confirmation."""
+
+    def classify(self, images):
+        self.calls += 1
+        return {"tone": np.array([int(self.calls % 2 == 0 and i == 0) for i in range(len(images))])}
+
+
+def test_screen_hits_are_confirmed_by_the_full_sampler(tiny_sd1):
+    kw = dict(sampling=FAST, progress=False, steps_per_block=2, blocks=2, block_growth=1.0, restarts=1)
+    full, screen = FAST.steps * 2, 2 * 2   # CFG generations with the full sampler / the 2-step screen
+    # call 1: no attack (miss), call 2: screen after block 1 (hit) -> call 3: full confirmation (hit)
+    judge = LateJudge(at=2)
+    (p,) = attack(tiny_sd1, ["a cat"], "bright", judge=judge, screen_steps=2, **kw).prompts
+    assert p.success and p.step == 2 and judge.calls == 3
+    assert (p.rounds, p.unet_evals) == (1, full + 2 + screen + full)
+    # every screen hits, every confirmation misses: no success is booked from a screen
+    judge = EvenCallJudge()
+    (p,) = attack(tiny_sd1, ["a cat"], "bright", judge=judge, screen_steps=2, **kw).prompts
+    assert not p.success and judge.calls == 1 + 2 * 2
+    assert (p.rounds, p.unet_evals) == (2, full + 4 + 2 * (screen + full))
+    # screen_steps=0: the full sampler after every block, as the reference
+    (p,) = attack(tiny_sd1, ["a cat"], "bright", judge=ToneJudge(255), screen_steps=0, **kw).prompts
+    assert p.unet_evals == full + 4 + 2 * full
 
 
 def test_batched_attack_equals_one_prompt_at_a_time(tiny_sd1):
@@ -299,7 +338,7 @@ def test_bad_input_fails_before_any_work(tiny_sd1):
 # -- results ----------------------------------------------------------------------------------------
 def test_result_round_trips_and_states_the_asr_definition(tiny_sd1, tmp_path):
     res = attack(tiny_sd1, ["a cat", "a, dog"], "bright", judge=LateJudge(at=2), sampling=FAST, progress=False,
-                 steps_per_block=2, blocks=1)
+                 steps_per_block=2, blocks=1, restarts=1)
     assert "ASR includes pre-ASR" in str(res) and "ASR includes pre-ASR" in res.summary()["asr_definition"]
     for suffix in (".json", ".csv"):
         back = AttackResult.load(res.save(tmp_path / f"r{suffix}"))

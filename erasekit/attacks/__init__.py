@@ -125,6 +125,8 @@ def attack(pipe, prompts: list[str], concept: str, *, judge, method: str = "unle
                 "targets": target_source, "edit": None if edit is None else _edit_summary(edit),
                 "wall_time_s": round(usage.wall_time_s, 4), "peak_memory_bytes": usage.peak_memory_bytes,
                 "memory_kind": usage.memory_kind, "dtype": str(pipe.unet.dtype).replace("torch.", "")}
+    if hasattr(config, "plan"):   # the schedule with every None resolved
+        protocol["schedule"] = config.plan()
     return AttackResult(str(method).lower().strip(), concept, rows, {"method": method, **config.to_dict()}, protocol)
 
 

@@ -52,11 +52,12 @@ def prompt_generator(seed: int, prompt: str, image_seed: int) -> torch.Generator
 
 
 def judged_round(pipe, rows: list[PromptAttack], texts: list[str], seeds: list[int], judge, concept: str,
-                 sampling, step: int) -> list[bool]:
+                 sampling, step: int, book_hits: bool = True) -> list[bool]:
     """Generate ``texts`` at ``seeds`` in one batch, judge them and book the outcome into ``rows``.
 
     Each row gets its share of the UNet evaluations and wall time; a hit sets ``success``, ``step``,
-    ``adv_prompt`` and ``adv_seed``. Returns the hit per row.
+    ``adv_prompt`` and ``adv_seed`` (with ``book_hits=False``, a screening round, only the cost is
+    booked). Returns the hit per row.
     """
     t0 = time.perf_counter()
     with count_unet(pipe) as n_unet:
@@ -66,6 +67,8 @@ def judged_round(pipe, rows: list[PromptAttack], texts: list[str], seeds: list[i
     for row, text, seed, hit in zip(rows, texts, seeds, hits):
         row.wall_time_s += share_t
         row.unet_evals += share_n
+        if not book_hits:
+            continue
         row.adv_prompt, row.adv_seed = text, int(seed)
         if hit and not row.success:
             row.success, row.step = True, step

@@ -19,13 +19,19 @@ Schedules (``schedule``):
 
 - ``reference``: the published one: timesteps 10, 30, ..., 990 ascending, 40 steps per timestep
   (50 blocks), a full generation after every block: at most 2,000 steps and 51 generations.
-- ``fast`` (default): ``t`` drawn uniformly from [200, 800) for every step and prompt (a Monte
-  Carlo estimate of the expectation over t instead of one t per block; on canvas-mini the erased
-  and the original model's predictions on the target differ most for t in about 200-600, while at
-  t < 100 the loss is mostly noise), and blocks that double: 10, 20, 40, 80, 160 steps, each
-  followed by a judged generation, so an easy prompt breaks after 10 steps and a hard one still
-  gets 310 steps, with at most 6 generations (reference: 2,000 steps, 51 generations).
-  ``benchmarks/bench_attack.py`` measures its cost and ASR against ``reference`` in one run.
+- ``fast`` (default): ``t`` drawn uniformly from [500, 1000) for every step and prompt (a Monte
+  Carlo estimate of the expectation over t instead of one t per block; on ESD-erased canvas-mini
+  the high-noise half, where colour and layout are decided, broke more styles than [200, 800)),
+  Adam lr 0.03, 30 blocks of 10 steps, and after each block a cheap SCREENING generation (same
+  sampler and seed, 8 steps instead of 25); only a prompt whose screen the judge flags is generated
+  with the full sampler and judged, and only that full generation can book a success. On canvas-mini
+  the 8-step screen flagged all 4 of the full sampler's hits among 160 prefixed prompts on 4 ESD
+  edits, plus 6 that the full sampler then rejected (``benchmarks/attack_screen_agreement.py``;
+  a miss of the screen is never re-checked). At most 300 steps, 30 screens and the
+  confirmations (reference: 2,000 steps, 51 full generations). ``benchmarks/bench_attack.py``
+  measures its cost and ASR against ``reference`` in one run (README "UnlearnDiffAtk").
+- Options of both: ``restarts`` repeats the blocks from a fresh uniform u and Adam state
+  (default 1); ``screen_steps=0`` judges every block with the full sampler.
 
 Deviations (all recorded in the result's config): each prompt has its own random stream (seeded
 by attack seed, prompt and image seed), so a prompt's attack does not depend on the batch it ran
@@ -40,6 +46,7 @@ support, so rows sum to 1 to float precision; target images and evaluation image
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -53,8 +60,10 @@ from .prefix import VOCABULARIES, PrefixPrompts, attack_vocabulary
 from .result import PromptAttack
 
 SCHEDULES = {
-    "reference": {"steps_per_block": 40, "blocks": 50, "block_growth": 1.0, "timesteps": "ascending", "t_range": None},
-    "fast": {"steps_per_block": 10, "blocks": 5, "block_growth": 2.0, "timesteps": "uniform", "t_range": (200, 800)},
+    "reference": {"steps_per_block": 40, "blocks": 50, "block_growth": 1.0, "timesteps": "ascending", "t_range": None,
+                  "restarts": 1, "screen_steps": None, "lr": 0.01},
+    "fast": {"steps_per_block": 10, "blocks": 30, "block_growth": 1.0, "timesteps": "uniform", "t_range": (500, 1000),
+             "restarts": 1, "screen_steps": 8, "lr": 0.03},
 }
 TIMESTEPS = ("ascending", "uniform")
 
@@ -74,7 +83,13 @@ class UnlearnDiffAttackConfig(MethodConfig):
     t_range: tuple[int, int] | None = field(default=None, metadata={"help": "[low, high) of t for uniform timesteps"})
     block_growth: float | None = field(default=None, metadata={"help": "each block has this many times the steps "
                                                                           "of the previous one (None: the schedule's)"})
-    lr: float = field(default=0.01, metadata={"help": "Adam learning rate on the relaxed one-hot"})
+    restarts: int | None = field(default=None, metadata={"help": "runs of the blocks, each from a fresh uniform u "
+                                                                  "and Adam state (None: the schedule's)"})
+    screen_steps: int | None = field(default=None, metadata={
+        "help": "sampler steps of a cheap screening generation after each block; only its hits are generated "
+                "with the full sampler and judged (None: the schedule's; 0: always the full sampler)"})
+    lr: float | None = field(default=None, metadata={"help": "Adam learning rate on the relaxed one-hot (None: the "
+                                                              "schedule's; reference 0.01)"})
     weight_decay: float = field(default=0.1, metadata={"help": "Adam's coupled L2 weight decay"})
     vocabulary: str = field(default="round_trip", metadata={"help": "round_trip (whole words that re-tokenise to "
                                                                      "themselves) or full (the reference's)"})
@@ -85,7 +100,9 @@ class UnlearnDiffAttackConfig(MethodConfig):
     def validate(self) -> None:
         check(self.schedule in SCHEDULES, f"`schedule` must be one of {sorted(SCHEDULES)} but is {self.schedule!r}")
         check(isinstance(self.k, int) and 1 <= self.k <= 75, f"`k` must be an integer in [1, 75] but is {self.k!r}")
-        for name in ("steps_per_block", "blocks"):
+        check(self.screen_steps is None or (isinstance(self.screen_steps, int) and self.screen_steps >= 0),
+              f"`screen_steps` must be an integer >= 0 (0: no screening) or None but is {self.screen_steps!r}")
+        for name in ("steps_per_block", "blocks", "restarts"):
             v = getattr(self, name)
             check(v is None or (isinstance(v, int) and v >= 1), f"`{name}` must be an integer >= 1 or None but is {v!r}")
         check(self.timesteps in (None, *TIMESTEPS), f"`timesteps` must be one of {TIMESTEPS} or None but is "
@@ -95,7 +112,7 @@ class UnlearnDiffAttackConfig(MethodConfig):
         if self.t_range is not None:
             lo, hi = self.t_range
             check(0 <= lo < hi, f"`t_range` must be [low, high) with 0 <= low < high but is {self.t_range!r}")
-        check(self.lr > 0, f"`lr` must be > 0 but is {self.lr}")
+        check(self.lr is None or self.lr > 0, f"`lr` must be > 0 or None but is {self.lr}")
         check(self.weight_decay >= 0, f"`weight_decay` must be >= 0 but is {self.weight_decay}")
         check(self.vocabulary in VOCABULARIES, f"`vocabulary` must be one of {VOCABULARIES} but is {self.vocabulary!r}")
         check(self.criterion in ("l2", "l1"), f"`criterion` must be 'l2' or 'l1' but is {self.criterion!r}")
@@ -161,11 +178,17 @@ class _BatchAttack:
         dev = pipe.unet.device
         self.vocab, self.z0 = vocab.to(dev), z0.to(dev)
         self.u = torch.full((len(rows), config.k, len(vocab)), 1.0 / len(vocab), device=dev, requires_grad=True)
-        self.opt = torch.optim.Adam([self.u], lr=config.lr, weight_decay=config.weight_decay)
+        self.opt = torch.optim.Adam([self.u], lr=plan["lr"], weight_decay=config.weight_decay)
         self.gens = [prompt_generator(config.seed, r.prompt, r.seed) for r in rows]
         self.abar = pipe.scheduler.alphas_cumprod.to(dev, torch.float32)
         self.active = list(range(len(rows)))
         self.sub = pp
+
+    def restart(self) -> None:
+        """Fresh uniform u and Adam state; the random streams go on, so the next run differs."""
+        with torch.no_grad():
+            self.u.fill_(1.0 / self.u.shape[-1])
+        self.opt = torch.optim.Adam([self.u], lr=self.plan["lr"], weight_decay=self.config.weight_decay)
 
     def drop_successes(self) -> None:
         self.active = [i for i in self.active if not self.rows[i].success]
@@ -224,9 +247,20 @@ def block_lengths(plan: dict) -> list[int]:
 
 
 def _run_batch(pipe, state: _BatchAttack, judge, concept, sampling, progress) -> None:
-    """Blocks of Adam steps, each followed by one judged generation of the still-unbroken prompts."""
-    lengths, n_step = block_lengths(state.plan), 0
-    bar = tqdm(total=sum(lengths), desc="unlearndiffatk steps", disable=not progress, leave=False)
+    """Runs of blocks of Adam steps, each block followed by one judged generation of the still-unbroken prompts."""
+    lengths, n_step, restarts = block_lengths(state.plan), 0, state.plan["restarts"]
+    bar = tqdm(total=sum(lengths) * restarts, desc="unlearndiffatk steps", disable=not progress, leave=False)
+    for run in range(restarts):
+        if run:
+            state.restart()
+        n_step = _run_blocks(pipe, state, lengths, n_step, judge, concept, sampling, bar)
+        if not state.active:
+            break
+    bar.close()
+
+
+def _run_blocks(pipe, state: _BatchAttack, lengths: list[int], n_step: int, judge, concept, sampling, bar) -> int:
+    """One run of the blocks from the current u; returns the steps taken so far (all runs)."""
     for block, n in enumerate(lengths):
         t0 = time.perf_counter()
         for _ in range(n):
@@ -239,7 +273,7 @@ def _run_batch(pipe, state: _BatchAttack, judge, concept, sampling, progress) ->
             row.grad_steps += n
             row.wall_time_s += share
         rows = [state.rows[i] for i in state.active]
-        judged_round(pipe, rows, state.prompts_now(), [r.seed for r in rows], judge, concept, sampling, n_step)
+        _judge_block(pipe, rows, state.prompts_now(), judge, concept, sampling, state.plan["screen_steps"], n_step)
         for r in rows:
             r.rounds += 1
         state.drop_successes()
@@ -247,7 +281,25 @@ def _run_batch(pipe, state: _BatchAttack, judge, concept, sampling, progress) ->
         bar.set_postfix(active=len(state.active))
         if not state.active:
             break
-    bar.close()
+    return n_step
+
+
+def _judge_block(pipe, rows, texts, judge, concept, sampling, screen_steps, n_step) -> None:
+    """The judged generation after a block: the full sampler, or a cheap screen whose hits are confirmed by it.
+
+    A success is only ever booked from the full ``sampling`` generation, so screening can miss a
+    success (a screen miss is not re-checked) but never invents one.
+    """
+    seeds = [r.seed for r in rows]
+    if not screen_steps or screen_steps >= sampling.steps:
+        judged_round(pipe, rows, texts, seeds, judge, concept, sampling, n_step)
+        return
+    screen = dataclasses.replace(sampling, steps=screen_steps)
+    hits = judged_round(pipe, rows, texts, seeds, judge, concept, screen, n_step, book_hits=False)
+    pick = [i for i, hit in enumerate(hits) if hit]
+    if pick:
+        judged_round(pipe, [rows[i] for i in pick], [texts[i] for i in pick], [seeds[i] for i in pick], judge,
+                     concept, sampling, n_step)
 
 
 def unlearndiffatk(pipe, prompts, seeds, concept, *, judge, sampling, config: UnlearnDiffAttackConfig,

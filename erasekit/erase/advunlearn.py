@@ -40,6 +40,12 @@ Deviations from the reference code, all recorded in the manifest:
   ESD convention, esd.md section 4) instead of t ~ U[20 t_enc, 20 t_enc + 20).
 - The attack optimiser's gradients are zeroed each step (the reference accumulates them).
 - ``attack='fast_at'`` is truly one signed step by default (the reference runs 30).
+- Canvas labels (``canvas_prompts="attribute"``, default, as ESD's): every caption that carries the
+  label keeps its latent and its frozen prediction, and L_u removes only the label's short text
+  ("Van Gogh style.", "A Flowers image."): target eps_o(caption) - (eta + 1)(eps_o(label text) -
+  eps_o("")). With the whole caption as c_e (``"caption"``, the reference's form) the target also
+  pushes away the caption's other label, which the retain loss then fights; on Flowers the caption form
+  left UA 0 % where the attribute form reached 60 % (CPU, README "AdvUnlearn against ESD").
 - Retain set: canvas-mini captions of the other styles/objects, or the 80 COCO category names as
   "a photo of a <name>" (the reference's 243-noun ``coco_object`` list is not shipped).
 - SDXL and SD 2.x are not covered by the paper (its encoder is SD 1.x's CLIP ViT-L/14 and does not
@@ -66,7 +72,7 @@ from ..pipelines.family import Context
 from .data import canvas_label
 from .data import concept_prompts as canvas_prompts
 from .engine import TrainConfig, Trainer
-from .esd import esd_target
+from .esd import attribute_text, esd_target
 from .param_sets import select_params
 from .registry import check, register
 
@@ -120,6 +126,9 @@ class AdvUnlearnConfig(TrainConfig):
     pool_size: int = field(default=32, metadata=_h("frozen-model trajectories sampled once (0: fresh per draw)"))
     prompts: str = field(default="auto", metadata=_h(
         "concept prompts: 'concept' (the words as given) or 'auto' (canvas-mini captions for its labels)"))
+    canvas_prompts: str = field(default="attribute", metadata=_h(
+        "canvas labels: attribute (the ESD target removes only the label's short text from each caption, as "
+        "ESD's default) or caption (the whole caption)"))
     mixed_precision: str = field(default="auto", metadata=_h("auto (bf16 on GPU, no on CPU), no, bf16, fp16"))
     gradient_checkpointing: bool | None = field(default=None, metadata=_h(
         "checkpoint the UNet's activations (None: on for full-size models)"))
@@ -152,6 +161,8 @@ class AdvUnlearnConfig(TrainConfig):
         check(self.ddim_steps is None or self.ddim_steps >= 1, f"`ddim_steps` must be >= 1 but is {self.ddim_steps}")
         check(self.pool_size >= 0, f"`pool_size` must be >= 0 but is {self.pool_size}")
         check(self.prompts in ("auto", "concept"), f"`prompts` must be 'auto' or 'concept' but is {self.prompts!r}")
+        check(self.canvas_prompts in ("attribute", "caption"),
+              f"`canvas_prompts` must be 'attribute' or 'caption' but is {self.canvas_prompts!r}")
         if isinstance(self.retain, str):
             check(self.retain in ("auto", "canvas", "coco") or Path(self.retain).is_file(),
                   f"`retain` must be 'auto', 'canvas', 'coco', a text file with one prompt per line, or a list of "
@@ -192,6 +203,16 @@ def concept_prompts(concepts: list[str], mode: str = "auto") -> list[str]:
     if mode != "auto":
         return list(dict.fromkeys(concepts))
     return list(dict.fromkeys(p for c in concepts for p in canvas_prompts(c)))
+
+
+def prompt_attributes(concepts: list[str], prompts: list[str], config: AdvUnlearnConfig) -> list[str] | None:
+    """Per concept prompt, the text whose direction L_u removes: its canvas label's short text
+    (attribute form) or the prompt itself; None when no prompt has an attribute (plain ESD target)."""
+    if config.prompts != "auto" or config.canvas_prompts != "attribute":
+        return None
+    owner = {p: attribute_text(c) for c in concepts for p in canvas_prompts(c)}
+    attributes = [owner.get(p) or p for p in prompts]
+    return None if attributes == prompts else attributes
 
 
 def _words(text: str) -> str:
@@ -313,6 +334,7 @@ class Draw:
     eps_u: torch.Tensor
     z0: torch.Tensor | None
     prompt: list[int]
+    eps_a: torch.Tensor | None = None   # frozen prediction for the prompt's attribute text (attribute form)
 
 
 class LatentPool:
@@ -320,13 +342,16 @@ class LatentPool:
 
     Trajectory j follows prompt ``j % len(prompts)`` (``size`` trajectories, at least one per
     prompt). The original encoder is only read here, once, on fixed prompts. ``size=0`` samples a
-    fresh trajectory up to the drawn step on every draw (the reference's behaviour).
+    fresh trajectory up to the drawn step on every draw (the reference's behaviour). With
+    ``attributes`` (one text per prompt, or None) every draw also carries the frozen prediction for
+    its prompt's attribute text at the same latent (``eps_a``, ESD's attribute form).
     """
 
     def __init__(self, pipe, adapter, prompts: list[str], size: int, steps: int, guidance: float, seed: int,
-                 autocast=None, batch: int = 32):
+                 autocast=None, batch: int = 32, attributes: list[str] | None = None):
         self.pipe, self.steps, self.guidance, self.autocast = pipe, steps, guidance, autocast
         self.cond, self.uncond = adapter.encode(prompts), adapter.encode([""])
+        self.attr = adapter.encode(attributes) if attributes else None
         unet = pipe.unet.config
         self.shape = (unet.in_channels, unet.sample_size, unet.sample_size)
         self.gen = torch.Generator().manual_seed(seed)
@@ -336,6 +361,21 @@ class LatentPool:
             parts = [self._run(idx[i:i + batch]) for i in range(0, len(idx), batch)]
             self.data = {k: torch.cat([p[k] for p in parts]) for k in ("z", "eps_c", "eps_u", "z0")}
             self.timesteps, self.owner = parts[0]["timesteps"], torch.tensor(idx)
+            if self.attr is not None:   # every (trajectory, step) once, batched over trajectories
+                self.data["eps_a"] = torch.stack([torch.cat([
+                    self._frozen_attr(self.data["z"][i:i + batch, s], self.timesteps[s], idx[i:i + batch])
+                    for i in range(0, len(idx), batch)]) for s in range(len(self.timesteps))], 1)
+
+    @torch.no_grad()
+    def _frozen_attr(self, z: torch.Tensor, t: torch.Tensor, prompt_idx: list[int]) -> torch.Tensor:
+        """eps_o(attribute text of each prompt) at latents ``z`` (frozen UNet), on the CPU in fp32."""
+        from contextlib import nullcontext
+
+        dev = self.pipe.unet.device
+        with self.autocast() if self.autocast else nullcontext():
+            e = self.pipe.unet(z.to(dev, self.pipe.unet.dtype), t.to(dev),
+                               **self.attr[prompt_idx].unet_kwargs(self.pipe)).sample
+        return e.float().cpu()
 
     def _run(self, prompt_idx: list[int], stop: int | None = None, gen=None) -> dict:
         z_T = torch.randn((len(prompt_idx), *self.shape), generator=gen or self.gen).to(self.pipe.unet.device)
@@ -352,7 +392,11 @@ class LatentPool:
         timesteps = data["timesteps"] if self.fresh else self.timesteps
         at = {k: data[k][rows, step].to(dev) for k in ("z", "eps_c", "eps_u")}
         z0 = None if data["z0"] is None else data["z0"][rows].to(dev)
-        return Draw(at["z"], timesteps[step].to(dev), at["eps_c"], at["eps_u"], z0, list(prompts))
+        eps_a = None
+        if self.attr is not None:
+            eps_a = (self._frozen_attr(at["z"], timesteps[step], list(prompts)) if self.fresh
+                     else data["eps_a"][rows, step]).to(dev)
+        return Draw(at["z"], timesteps[step].to(dev), at["eps_c"], at["eps_u"], z0, list(prompts), eps_a)
 
     def _pick(self, prompt: int, gen: torch.Generator) -> int:
         own = (self.owner == prompt).nonzero().flatten()
@@ -364,11 +408,11 @@ class AdvUnlearnTrainer:
     """One AdvUnlearn run: the pools, the inner attack and the outer loss for the engine's loop."""
 
     def __init__(self, pipe, adapter, prompts: list[str], retain: list[str], config: AdvUnlearnConfig,
-                 resolved: dict):
+                 resolved: dict, attributes: list[str] | None = None):
         from ..attacks.prefix import PrefixPrompts
 
         self.pipe, self.adapter, self.config, self.r = pipe, adapter, config, resolved
-        self.prompts, self.retain = prompts, retain
+        self.prompts, self.retain, self.attributes = prompts, retain, attributes
         self.prefix = PrefixPrompts(adapter, prompts, resolved["k"])
         self.per_prompt = [self.prefix.subset([i]) for i in range(len(prompts))]
         self.delta: list[torch.Tensor] | None = None
@@ -440,7 +484,9 @@ class AdvUnlearnTrainer:
         l_r = F.mse_loss(pred[-len(r_idx):], rd.eps_c)
         if phase == 1:
             return self.r["gamma"] * l_r
-        target = esd_target(d.eps_u, d.eps_c, d.eps_c, self.config.eta)    # paper convention
+        # paper convention; attribute form: remove only the attribute's direction from the caption's
+        e_p = d.eps_c if d.eps_a is None else d.eps_a
+        target = esd_target(d.eps_u, e_p, d.eps_c, self.config.eta)
         l_u = F.mse_loss(pred[:1], target)
         return l_u + self.r["gamma"] * l_r if self.config.retain_train == "reg" else l_u
 
@@ -454,7 +500,7 @@ class AdvUnlearnTrainer:
             seed = self.config.seed
             steps, guidance = self.r["ddim_steps"], self.config.guidance
             self.pool = LatentPool(self.pipe, self.adapter, self.prompts, self.config.pool_size, steps, guidance,
-                                   seed, tr.autocast)
+                                   seed, tr.autocast, attributes=self.attributes)
             self.retain_pool = LatentPool(self.pipe, self.adapter, self.retain, min(self.config.pool_size, 1), steps,
                                           guidance, seed + 1, tr.autocast)
             edit = tr.fit(lambda i: self.loss(i, tr.rng), manifest=self.manifest())
@@ -471,7 +517,10 @@ class AdvUnlearnTrainer:
             "query timestep aligned with the latent's DDIM step (reference: t ~ U[20 t_enc, 20 t_enc + 20))",
             "attack optimiser gradients zeroed every step (reference: accumulated)",
         ]
-        return {"preset": self.r, "prompts": self.prompts, "retain_prompts": len(self.retain),
+        if self.attributes:
+            deviations.append("canvas labels: ESD target in the attribute form, eps_o(caption) - (eta + 1) "
+                              "(eps_o(label text) - eps_o('')) (reference: the whole prompt, no canvas captions)")
+        return {"preset": self.r, "prompts": self.prompts, "attributes": sorted(set(self.attributes or [])), "retain_prompts": len(self.retain),
                 "retain_examples": self.retain[:3], "original_encoder": "encoded once on the fixed prompts (no copy)",
                 "attack": {"space": "embedding", "insertion": "prefix", "loss": self.config.attack_loss},
                 "deviations": deviations}
@@ -508,4 +557,5 @@ def advunlearn(pipe, concepts: list[str], config: AdvUnlearnConfig):
     PrefixPrompts(adapter, prompts, resolved["k"])  # refuses prompts that do not fit with the prefix
     params = trainable_params(pipe, config)
     engine_cfg = dataclasses.replace(config, mixed_precision=resolved["mixed_precision"], gradient_checkpointing=False)
-    return AdvUnlearnTrainer(pipe, adapter, prompts, retain, config, resolved).fit(params, engine_cfg)
+    attributes = prompt_attributes(concepts, prompts, config)
+    return AdvUnlearnTrainer(pipe, adapter, prompts, retain, config, resolved, attributes).fit(params, engine_cfg)

@@ -157,6 +157,17 @@ def sample_partway(predict, z, sched, k: int, ctx, guidance: float) -> torch.Ten
     return z
 
 
+def attribute_text(concept: str) -> str | None:
+    """A canvas label's short text, c of the attribute form ("Van Gogh style.", "A Cats image."); else None."""
+    from ..canvas.world import style_text
+
+    found = canvas_label(concept)
+    if found is None:
+        return None
+    kind, label = found
+    return f"{style_text(label)} style." if kind == "style" else f"A {label} image."
+
+
 def esd_pairs(concepts: list[str], config: ESDConfig) -> list[tuple[str, str | None]]:
     """The (c, c_from) prompt pairs, one sampled per iteration; ``c_from`` None means c itself.
 
@@ -169,14 +180,10 @@ def esd_pairs(concepts: list[str], config: ESDConfig) -> list[tuple[str, str | N
         prompts = config.prompts or [p for c in concepts for p in concept_prompts(c)]
         sources = [config.erase_from] if isinstance(config.erase_from, str) else list(config.erase_from or [None])
         return [(c, f) for c in prompts for f in sources]
-    from ..canvas.world import style_text
-
     pairs = []
     for concept in concepts:
-        found = canvas_label(concept)
-        if found and config.canvas_prompts == "attribute":
-            kind, label = found
-            short = f"{style_text(label)} style." if kind == "style" else f"A {label} image."
+        short = attribute_text(concept)
+        if short is not None and config.canvas_prompts == "attribute":
             pairs += [(short, cap) for cap in concept_prompts(concept)]
         else:
             pairs += [(p, None) for p in concept_prompts(concept)]
