@@ -80,7 +80,9 @@ def test_canvas_labels_get_the_attribute_form_other_concepts_the_whole_prompt():
     prompts = concept_prompts(["Cats", "nudity"], "auto")
     attrs = prompt_attributes(["Cats", "nudity"], prompts, AdvUnlearnConfig())
     assert attrs == ["A Cats image."] * 10 + ["nudity"]
-    assert prompt_attributes(["Van_Gogh"], concept_prompts(["Van_Gogh"]), AdvUnlearnConfig()) == ["Van Gogh style."] * 10
+    vg = concept_prompts(["Van_Gogh"])
+    assert prompt_attributes(["Van_Gogh"], vg, AdvUnlearnConfig()) is None   # auto: styles keep the caption form
+    assert prompt_attributes(["Van_Gogh"], vg, AdvUnlearnConfig(canvas_prompts="attribute")) == ["Van Gogh style."] * 10
     assert prompt_attributes(["Cats"], prompts[:10], AdvUnlearnConfig(canvas_prompts="caption")) is None
     assert prompt_attributes(["nudity"], ["nudity"], AdvUnlearnConfig()) is None
 
