@@ -358,7 +358,9 @@ def test_attack_brings_back_a_uce_erased_style(canvas_pipe, canvas_judge):
     prompts = [caption(o, "Van_Gogh") for o in OBJECTS]
     kw = dict(judge=canvas_judge, edit=edit, progress=False)
     none = attack(canvas_pipe, prompts, "Van_Gogh", method="none", **kw)
-    res = attack(canvas_pipe, prompts, "Van_Gogh", **kw)
+    # k = 5 as benchmarks/bench_attack.py: with the paper's k = 3 the UCE preset holds on canvas-mini's
+    # 64-d text space (ASR 0-10 % on these captions with either schedule)
+    res = attack(canvas_pipe, prompts, "Van_Gogh", k=5, **kw)
     assert res.pre_asr == none.asr <= 50.0  # the erasure works on the plain captions...
     assert res.asr >= res.pre_asr + 30.0  # ...and the attack brings the style back
     for p in res.prompts:
