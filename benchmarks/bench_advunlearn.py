@@ -71,7 +71,8 @@ def synthetic_pool(advunlearn):
     from erasekit.erase.esd import _ddim
 
     class SyntheticPool(advunlearn.LatentPool):
-        def __init__(self, pipe, adapter, prompts, size, steps, guidance, seed, autocast=None, batch=32):
+        def __init__(self, pipe, adapter, prompts, size, steps, guidance, seed, autocast=None, batch=32,
+                     attributes=None):   # the benchmark's concept is no canvas label: attributes is None
             self.pipe, self.steps = pipe, steps
             c = pipe.unet.config
             self.shape = (c.in_channels, c.sample_size, c.sample_size)

@@ -107,7 +107,10 @@ def test_text_encoder_without_inputs_embeds_is_refused(tiny_sd1):
 def test_presets_scale_with_the_model(tiny_sd1):
     small = preset(tiny_sd1, ["Van Gogh"], AdvUnlearnConfig())
     assert small["steps"] < 1000 and small["warmup"] == small["steps"] // 5 and small["gamma"] == 0.5
-    assert (small["k"], small["lr"]) == (3, 1e-3)
+    assert (small["k"], small["lr"], small["eta"]) == (3, 1e-3, 1.0)
+    assert preset(tiny_sd1, ["Cats"], AdvUnlearnConfig())["eta"] == 3.0        # canvas object, attribute form
+    assert preset(tiny_sd1, ["Cats"], AdvUnlearnConfig(canvas_prompts="caption"))["eta"] == 1.0
+    assert preset(tiny_sd1, ["Cats"], AdvUnlearnConfig(eta=2.0))["eta"] == 2.0
     assert preset(tiny_sd1, ["Van Gogh"], AdvUnlearnConfig(k=2, lr=5e-4))["k"] == 2
     tiny_sd1.unet.register_to_config(sample_size=64)   # what a full-size SD 1.x UNet reports
     full = preset(tiny_sd1, ["nudity"], AdvUnlearnConfig(attack="fast_at"))
