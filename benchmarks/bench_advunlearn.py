@@ -221,7 +221,6 @@ def _mean(values) -> float | None:
 
 def summarize(report: dict, out: Path) -> None:
     """Mean ASR / UA / IRA / CRA / erasure CPU time per method and head; written into ``out``."""
-
     summary = {}
     for method in sorted({r["method"] for r in report["rows"]}):
         for head in ("style", "object"):
@@ -246,14 +245,16 @@ def main() -> None:
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # child process: run this variant
     p.add_argument("--canvas", nargs="*", default=None, help="acceptance run on canvas-mini for these targets")
     p.add_argument("--methods", default="esd,advunlearn", help="--canvas: methods compared")
-    p.add_argument("--option", action="append", default=[], help="--canvas: method.key=value, e.g. advunlearn.lr=3e-4; attack.key=value changes the "
-                   "attack of both methods, e.g. attack.k=5")
+    p.add_argument("--option", action="append", default=[],
+                   help="--canvas: method.key=value, e.g. advunlearn.lr=3e-4; attack.key=value changes the "
+                        "attack of both methods, e.g. attack.k=5")
     p.add_argument("--pipeline", default="canvas-mini", help="--canvas: the base model")
     p.add_argument("--judge", default=None, help="--canvas: judge folder (default assets/canvas-judge)")
     p.add_argument("--seeds", type=int, default=1, help="--canvas: seeds per grid caption")
     p.add_argument("--resume", action="store_true", help="--canvas: keep rows already in the results file")
-    p.add_argument("--edits", default=None, help="--canvas: folder to save every Edit in; an Edit already there is loaded instead of "
-                   "erasing again (its erasure time is then not measured)")
+    p.add_argument("--edits", default=None,
+                   help="--canvas: folder to save every Edit in; an Edit already there is loaded instead of "
+                        "erasing again (its erasure time is then not measured)")
     p.add_argument("--out", default=None, help="--canvas: results file (default results/advunlearn_canvas.json)")
     p.add_argument("--merge", nargs="*", default=None, help="merge --canvas result files into results/"
                                                               "advunlearn_canvas.json and print the summary")

@@ -201,8 +201,7 @@ def preset(pipe, concepts: list[str], config: AdvUnlearnConfig) -> dict:
         "gamma": config.gamma if config.gamma is not None else (
             0.3 if any(_NUDITY.search(c.lower()) for c in concepts) else 0.5),
         "eta": config.eta if config.eta is not None else (
-            3.0 if not full and config.canvas_prompts != "caption" and any(
-                (canvas_label(c) or ("",))[0] == "object" for c in concepts) else 1.0),
+            3.0 if not full and any(attribute_form(c, config) for c in concepts) else 1.0),
         "mixed_precision": config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if cuda else "no"),
         "gradient_checkpointing": full if config.gradient_checkpointing is None else config.gradient_checkpointing,
     }
@@ -215,14 +214,18 @@ def concept_prompts(concepts: list[str], mode: str = "auto") -> list[str]:
     return list(dict.fromkeys(p for c in concepts for p in canvas_prompts(c)))
 
 
+def attribute_form(concept: str, config: AdvUnlearnConfig) -> bool:
+    """Whether L_u takes ``concept`` in ESD's attribute form (a canvas label; ``auto``: objects only)."""
+    found = canvas_label(concept)
+    if found is None or config.prompts != "auto" or config.canvas_prompts == "caption":
+        return False
+    return config.canvas_prompts == "attribute" or found[0] == "object"
+
+
 def prompt_attributes(concepts: list[str], prompts: list[str], config: AdvUnlearnConfig) -> list[str] | None:
     """Per concept prompt, the text whose direction L_u removes: its canvas label's short text
     (attribute form) or the prompt itself; None when no prompt has an attribute (plain ESD target)."""
-    mode = config.canvas_prompts
-    if config.prompts != "auto" or mode == "caption":
-        return None
-    owner = {p: attribute_text(c) for c in concepts for p in canvas_prompts(c)
-             if mode == "attribute" or (canvas_label(c) or ("",))[0] == "object"}
+    owner = {p: attribute_text(c) for c in concepts if attribute_form(c, config) for p in canvas_prompts(c)}
     attributes = [owner.get(p) or p for p in prompts]
     return None if attributes == prompts else attributes
 
@@ -532,7 +535,8 @@ class AdvUnlearnTrainer:
         if self.attributes:
             deviations.append("canvas labels: ESD target in the attribute form, eps_o(caption) - (eta + 1) "
                               "(eps_o(label text) - eps_o('')) (reference: the whole prompt, no canvas captions)")
-        return {"preset": self.r, "prompts": self.prompts, "attributes": sorted(set(self.attributes or [])), "retain_prompts": len(self.retain),
+        return {"preset": self.r, "prompts": self.prompts, "attributes": sorted(set(self.attributes or [])),
+                "retain_prompts": len(self.retain),
                 "retain_examples": self.retain[:3], "original_encoder": "encoded once on the fixed prompts (no copy)",
                 "attack": {"space": "embedding", "insertion": "prefix", "loss": self.config.attack_loss},
                 "deviations": deviations}
