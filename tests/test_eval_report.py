@@ -86,3 +86,34 @@ def test_sequential_unlearning_reports_every_step_and_restores(tiny_sd1, tmp_pat
     assert "sequence order: ['Cubism', 'Mosaic']" in r.notes
     assert "| 2 | Mosaic |" in (tmp_path / "report.md").read_text()
     assert r.sequential[1]["efficiency"]["storage_bytes"] > 0
+
+
+def test_sequential_continues_a_one_step_generator(tiny_sd1, monkeypatch):
+    """SFD-like methods: step 2 starts from step 1's generator and forgets both targets so far."""
+    from dataclasses import dataclass
+
+    from erasekit.erase.registry import MethodConfig, register
+    from erasekit.eval import sequential
+    from erasekit.pipelines import Edit
+
+    calls = []
+
+    @dataclass
+    class OneStepConfig(MethodConfig):
+        generator_init: str | None = None
+
+    @register("eval-test-one-step", OneStepConfig)
+    def one_step(pipe, concepts, config):
+        start = Edit.load(config.generator_init, pipe).weights[KEY] if config.generator_init else \
+            pipe.unet.get_parameter(KEY.split("/", 1)[1]).detach()
+        calls.append((list(concepts), config.generator_init is not None))
+        return Edit.from_weights(pipe, {KEY: start + 1.0}, {"method": "one-step", "concepts": list(concepts),
+                                                             "sampler": "one_step", "generator_timestep": 625},
+                                 low_rank=False)
+
+    before = {k: v.clone() for k, v in tiny_sd1.unet.state_dict().items()}
+    r = sequential(tiny_sd1, "eval-test-one-step", ["Cubism", "Mosaic"], protocol=tiny_protocol(seeds=(0,)),
+                   judge=ColourJudge(), fid=False, clip=False, cache_dir=None, progress=False)
+    assert calls == [(["Cubism"], False), (["Cubism", "Mosaic"], True)]
+    assert [list(s["UA_per_target"]) for s in r.sequential] == [["Cubism"], ["Cubism", "Mosaic"]]
+    assert all(torch.equal(before[k], v) for k, v in tiny_sd1.unet.state_dict().items())

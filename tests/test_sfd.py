@@ -169,6 +169,31 @@ def test_a_one_step_edit_is_refused_by_multi_step_apply(tiny_sd1):
     one_step_pipeline(tiny_sd1, edit)   # the one-step sampler still takes it
 
 
+def test_attack_and_sampled_route_a_one_step_edit_through_its_own_pipeline(tiny_sd1):
+    from erasekit.pipelines import OneStepPipeline
+    from tests.test_attacks import ToneJudge
+
+    edit = erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=1, **TINY)
+    before = {k: v.clone() for k, v in tiny_sd1.unet.state_dict().items()}
+    with edit.sampled(tiny_sd1) as sampler:
+        assert isinstance(sampler, OneStepPipeline)
+        got = generate(sampler, ["a cat"], [3], output_type="pt")[0]
+    want = generate(one_step_pipeline(tiny_sd1, edit), ["a cat"], [3], output_type="pt")[0]
+    assert torch.equal(got, want)
+    judge = ToneJudge(threshold=-1.0)   # every image "bright": the pre-attack check succeeds at once
+    res = erasekit.attack(tiny_sd1, ["a cat", "a dog"], "bright", judge=judge, method="none", edit=edit,
+                          progress=False)
+    assert res.pre_asr == 100.0 and judge.images == 2
+    assert [p.unet_evals for p in res.prompts] == [1, 1]   # one generator call each, not 25 x 2 with CFG
+    assert all(torch.equal(v, before[k]) for k, v in tiny_sd1.unet.state_dict().items())
+    w = {f"unet/{n}": p.detach() + 0.01 for n, p in list(tiny_sd1.unet.named_parameters())[:1]}
+    plain = Edit.from_weights(tiny_sd1, w, {"method": "esd"})
+    with plain.sampled(tiny_sd1) as sampler:   # a weight Edit is applied, then removed
+        assert sampler is tiny_sd1 and not torch.equal(sampler.unet.get_parameter(next(iter(w))[5:]),
+                                                       before[next(iter(w))[5:]])
+    assert all(torch.equal(v, before[k]) for k, v in tiny_sd1.unet.state_dict().items())
+
+
 def test_one_step_latents_is_x0_prediction_at_t_init(tiny_sd1):
     abar = alphas_cumprod(tiny_sd1.scheduler)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))

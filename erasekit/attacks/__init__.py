@@ -118,8 +118,9 @@ def attack(pipe, prompts: list[str], concept: str, *, judge, method: str = "unle
             targets = generate(pipe, prompts, seeds, sampling, progress=progress)
             target_source = "original model, same prompt and seed" if edit is not None else \
                 "the pipeline as given (no edit passed), same prompt and seed"
-    with (edit.applied(pipe) if edit is not None else nullcontext()), measure(pipe.unet.device) as usage:
-        rows = fn(pipe, prompts, seeds, concept, judge=judge, sampling=sampling, config=config, targets=targets,
+    with (edit.sampled(pipe) if edit is not None else nullcontext(pipe)) as attacked, \
+            measure(pipe.unet.device) as usage:   # a one-step (SFD) Edit is attacked through its own pipeline
+        rows = fn(attacked, prompts, seeds, concept, judge=judge, sampling=sampling, config=config, targets=targets,
                   progress=progress)
     protocol = {"sampling": sampling.to_dict(), "judge": judge.describe(), "concept_head": judge.find(concept)[0],
                 "targets": target_source, "edit": None if edit is None else _edit_summary(edit),

@@ -9,6 +9,7 @@ processes: every process returns the same Report; the main process writes the fi
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +87,8 @@ def evaluate(pipe, edit=None, protocol: str | Protocol = "canvas-lite", targets=
     edited = base
     if edit is not None:
         t = time.perf_counter()
-        with edit.applied(pipe):
-            edited = s.runner.records(pipe, keep, "edited", None)
+        with edit.sampled(pipe) as sampler:   # a one-step (SFD) generator through its own pipeline
+            edited = s.runner.records(sampler, keep, "edited", None)
         timing["edited_s"] = time.perf_counter() - t
     report = Report(
         protocol=s.protocol.to_dict(), judge=s.judge.describe(), targets=s.names,
@@ -112,19 +113,32 @@ def sequential(pipe, method: str, targets: list[str], protocol: str | Protocol =
     """Sequential unlearning (metrics.md 1.5): erase ``targets`` one after another with ``method``,
     each step starting from the previous unlearned model, and after step i report UA on every
     target erased so far and retention (IRA/CRA) on the rest. The order is recorded; the pipeline
-    is restored at the end, also on error."""
+    is restored at the end, also on error.
+
+    A one-step generator (SFD) is not a denoiser the next erasure could start from, so its steps
+    continue the distillation instead: step i starts the generator from step i-1's
+    (``generator_init``) and forgets every target so far, against the original teacher."""
     from ..erase.registry import erase
 
     t0 = time.perf_counter()
     s = _setup(pipe, protocol, list(targets), judge, fid, clip, fid_reference, cache_dir, on_missing, None, progress)
     base = s.runner.records(pipe, set(), "original", s.cache_dir)
-    edits, steps = [], []
+    applied, steps, previous = [], [], None
+    scratch = tempfile.TemporaryDirectory(prefix="erasekit-sequential-")
     try:
         for i, name in enumerate(targets):
-            edit = erase(pipe, method, [name], **(method_options or {}))
-            edit.apply(pipe)
-            edits.append(edit)
-            rec = s.runner.records(pipe, set(), f"step {i + 1}", None)
+            options, concepts = dict(method_options or {}), [name]
+            if previous is not None and previous.one_step:   # continue the generator, forget all so far
+                options["generator_init"] = str(previous.save(Path(scratch.name) / f"step{i}.safetensors"))
+                concepts = list(targets[:i + 1])
+            edit = previous = erase(pipe, method, concepts, **options)
+            if edit.one_step:
+                with edit.sampled(pipe) as sampler:
+                    rec = s.runner.records(sampler, set(), f"step {i + 1}", None)
+            else:
+                edit.apply(pipe)
+                applied.append(edit)
+                rec = s.runner.records(pipe, set(), f"step {i + 1}", None)
             sub = _Setup(**{**s.__dict__, "targets": s.targets[:i + 1], "names": s.names[:i + 1]})
             sc = _scores(sub, rec, base)
             steps.append({"step": i + 1, "erased": name, "UA_per_target": {k: v["UA"] for k, v in
@@ -132,8 +146,9 @@ def sequential(pipe, method: str, targets: list[str], protocol: str | Protocol =
                           **{k: sc.get(k) for k in ("UA", "IRA", "CRA")}, "scores": sc,
                           "efficiency": _efficiency(edit, None)})
     finally:
-        for edit in reversed(edits):
+        for edit in reversed(applied):
             edit.remove(pipe)
+        scratch.cleanup()
     report = Report(protocol=s.protocol.to_dict(), judge=s.judge.describe(), targets=list(targets),
                     method=f"{method} (sequential)", model={"hash_original": _pipe_id(pipe)},
                     scores=steps[-1]["scores"] if steps else {}, baseline=_scores(s, base, None),

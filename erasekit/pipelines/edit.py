@@ -193,7 +193,7 @@ class Edit:
         """Write the edited weights into ``pipe`` in place (after :meth:`check`); returns ``pipe``."""
         if id(pipe) in self._backups:
             raise EditError("this Edit is already applied to this pipeline; remove() it first")
-        if self.manifest.get("sampler") == "one_step":   # SFD: its UNet is a generator, not a denoiser
+        if self.one_step:   # SFD: its UNet is a generator, not a denoiser
             raise EditError(f"this Edit (method {self.manifest.get('method')!r}) is a one-step generator: applied to "
                             "a multi-step pipeline it would be sampled wrongly. Build its sampler with "
                             "erasekit.pipelines.one_step_pipeline(pipe, edit) and pass that pipeline to "
@@ -228,6 +228,27 @@ class Edit:
             yield pipe
         finally:
             self.remove(pipe)
+
+    @property
+    def one_step(self) -> bool:
+        """True for a one-step generator (SFD): sample it through its own one-step pipeline."""
+        return self.manifest.get("sampler") == "one_step"
+
+    @contextmanager
+    def sampled(self, pipe) -> Iterator:
+        """``with edit.sampled(pipe) as p: generate(p, ...)``: the pipeline that samples this Edit.
+
+        A weight Edit is applied to ``pipe`` for the block and removed after it (as :meth:`applied`);
+        a one-step generator (SFD) yields :func:`~erasekit.pipelines.one_step_pipeline` of ``pipe``
+        and leaves ``pipe`` untouched. Evaluation and attacks use this, so both kinds run unchanged.
+        """
+        if self.one_step:
+            from .one_step import one_step_pipeline
+
+            yield one_step_pipeline(pipe, self)
+            return
+        with self.applied(pipe):
+            yield pipe
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -67,8 +67,8 @@ class PreviewSession:
         with self.lock:
             pipe, edit = self.edit(model, edit_file, method, concept)
             original = generate(pipe, prompt, int(seed))[0]
-            with edit.applied(pipe):
-                erased = generate(pipe, prompt, int(seed))[0]
+            with edit.sampled(pipe) as sampler:   # an SFD generator through its one-step pipeline
+                erased = generate(sampler, prompt, int(seed))[0]
         m = edit.manifest
         status = (f"**{m.get('method', '?')}** erased {', '.join(m.get('concepts', []))} "
                   f"({len(edit.keys)} tensors, {edit.nbytes() / 1024:.1f} KiB); prompt {prompt!r}, seed {int(seed)}")
@@ -89,8 +89,8 @@ class PreviewSession:
             row = result.prompts[0]
             known = {"sampler", "steps", "guidance", "height", "width"}
             sampling = Sampling(**{k: v for k, v in result.protocol.get("sampling", {}).items() if k in known})
-            with edit.applied(pipe):
-                image = generate(pipe, row.adv_prompt, row.adv_seed, sampling)[0]
+            with edit.sampled(pipe) as sampler:
+                image = generate(sampler, row.adv_prompt, row.adv_seed, sampling)[0]
         outcome = "the concept came back" if row.success else "the concept stayed erased"
         status = (f"{attack_method}: {outcome} (step {row.step}, {row.unet_evals} UNet evaluations, "
                   f"{row.wall_time_s:.1f} s); judged concept {target!r}")

@@ -1,0 +1,71 @@
+"""The README's benchmark table is what the committed benchmark produces.
+
+Two links of the chain are checked: the table in the README is exactly the rendering of the
+committed results (``benchmarks/tables/cpu.json``), and one of those results (UCE on Van_Gogh:
+erase, ``canvas-lite`` evaluation, UnlearnDiffAtk) comes out again, within the stated tolerance,
+when the benchmark's own job function reruns it here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "tables" / "cpu.json"
+BEGIN, END = "<!-- bench_table:begin -->", "<!-- bench_table:end -->"
+# canvas-lite has 10 images per label: one image is 10 points of UA, about 1.1 of IRA / CRA; the
+# attack has 5 prompts: one prompt is 20 points of ASR
+TOLERANCE = {"UA": 10.0, "IRA": 3.4, "CRA": 3.4, "pre_ASR": 20.0, "ASR": 20.0}
+FID_RELATIVE = 0.10
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_table
+
+
+@pytest.fixture(scope="module")
+def committed():
+    return json.loads(RESULTS.read_text())
+
+
+def test_readme_table_is_the_rendering_of_the_committed_results(bench, committed):
+    readme = (ROOT / "README.md").read_text()
+    assert BEGIN in readme and END in readme, "README lacks the benchmark table markers"
+    block = readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert block == bench.render(committed).strip()
+    assert committed["format"] == bench.FORMAT
+
+
+def test_every_job_of_the_full_benchmark_is_in_the_committed_results(bench, committed):
+    plan = bench.jobs(bench.METHODS)
+    missing = sorted(set(plan) - set(committed["jobs"]))
+    assert not missing, f"committed results lack {missing}: rerun python benchmarks/bench_table.py"
+
+
+def test_a_committed_cell_is_reproduced(bench, committed, tmp_path):
+    import torch
+
+    name = "cell/uce/Van_Gogh"
+    want = committed["jobs"][name]
+    spec = bench.jobs(["uce"], ["Van_Gogh"], [], [])[name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the benchmark's workers
+    try:
+        got = bench.run_job(name, spec, tmp_path, tmp_path / "cache")
+    finally:
+        torch.set_num_threads(threads)
+    for key, tol in TOLERANCE.items():
+        assert abs(got[key] - want[key]) <= tol, f"{key}: {got[key]} now, {want[key]} committed (tolerance {tol})"
+    assert math.isclose(got["fid"], want["fid"], rel_tol=FID_RELATIVE)
+    assert got["edit_bytes"] == want["edit_bytes"]
