@@ -344,7 +344,7 @@ def render(doc: dict) -> str:
             r["method"], *(_fmt(r[f"{k}_{m}"], 1, " %") for k in ("style", "object") for m in ("UA", "IRA", "CRA")),
             _fmt(r["fid"], 2), _fmt(r["clip_retained"], 2), _fmt(r["pre_ASR"], 1, " %"),
             "-" if orig else _fmt(r["ASR"], 1, " %"), "-" if orig else _fmt(r["attack_unet_evals_mean"], 0),
-            "-" if orig else f"{_fmt(r['erase_wall_s'], 0)} / {_fmt(r['erase_cpu_s'], 0)} s",
+            "-" if orig else f"{_seconds(r['erase_wall_s'])} / {_seconds(r['erase_cpu_s'])} s",
             "-" if orig else _fmt(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**30, 2, " GiB"),
             "-" if orig else _size(r["edit_bytes"])]) + " |")
     seq = [(m, doc["jobs"].get(f"sequential/{m}")) for m in METHODS]
@@ -375,6 +375,10 @@ def _ratio_lines(jobs_: dict) -> list[str]:
         rows.append(f"| SFD one-step vs the teacher's DDIM 25 + CFG, {one['images']} images | {one['speedup']:.1f}x "
                     f"({one['one_step_s']:.2f} s vs {one['teacher_s']:.1f} s) | `{jobs_['ratio/one_step']['command']}` |")
     return ["", "| cost | figure | command |", "|---|---|---|", *rows] if rows else []
+
+
+def _seconds(v) -> str:
+    return _fmt(v, 1 if v is not None and v < 10 else 0)
 
 
 def _size(n) -> str:
