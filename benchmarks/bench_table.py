@@ -213,20 +213,17 @@ def _public(options: dict) -> dict:
 
 
 def _run_script(argv: list[str], out_json: Path) -> dict:
+    """Run another benchmark script; its result is its --out file (bench_closed_form) or its last stdout line."""
     import subprocess
 
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:]]
-    if argv[0] == "bench_closed_form.py":
-        cmd += ["--out", str(out_json)]
+    writes_file = argv[0] == "bench_closed_form.py"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:], *(["--out", str(out_json)] if writes_file else [])]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
-    if argv[0] == "bench_closed_form.py":
-        return {"result": json.loads(out_json.read_text()), "command": " ".join(["python", "benchmarks/" + argv[0],
-                                                                                 *argv[1:]])}
-    return {"result": json.loads(done.stdout.strip().splitlines()[-1]),
-            "command": " ".join(["python", "benchmarks/" + argv[0], *argv[1:]])}
+    result = json.loads(out_json.read_text() if writes_file else done.stdout.strip().splitlines()[-1])
+    return {"result": result, "command": " ".join(["python", f"benchmarks/{argv[0]}", *argv[1:]])}
 
 
 def _write_json(path: Path, data) -> None:

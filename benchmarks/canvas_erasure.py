@@ -60,12 +60,10 @@ def score(judge, images, cells, target: str | None) -> dict:
 
 def edited_images(pipe, edit, prompts, seeds, sampling):
     """The grid with ``edit``: applied to ``pipe``, or through the one-step sampler for an SFD generator."""
-    from erasekit.pipelines import generate, one_step_pipeline
+    from erasekit.pipelines import generate
 
-    if edit.manifest.get("sampler") == "one_step":
-        return generate(one_step_pipeline(pipe, edit), prompts, seeds, sampling)
-    with edit.applied(pipe):
-        return generate(pipe, prompts, seeds, sampling)
+    with edit.sampled(pipe) as sampler:
+        return generate(sampler, prompts, seeds, sampling)
 
 
 def mask_check(pipe, edit, concept: str, options: dict) -> dict:

@@ -234,7 +234,6 @@ def _where(mask: torch.Tensor, a: Context, b: Context) -> Context:
 def _load_generator(unet, source: str, pipe, t_init: int) -> None:
     """Overwrite the generator copy with a distilled one-step generator (two-stage SFD, sfd.md section 1)."""
     from ..pipelines.edit import Edit
-    from ..pipelines.one_step import ONE_STEP
 
     path = Path(source)
     if path.is_dir():  # a diffusers UNet2DConditionModel folder (safetensors), e.g. a converted SiD-LSG generator
@@ -243,7 +242,7 @@ def _load_generator(unet, source: str, pipe, t_init: int) -> None:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(path, use_safetensors=True).state_dict())
         return
     edit = Edit.load(path, pipe)
-    if edit.manifest.get("sampler") != ONE_STEP or edit.manifest.get("generator_timestep") != t_init:
+    if not edit.one_step or edit.manifest.get("generator_timestep") != t_init:
         raise ConfigError(f"`generator_init` {source} is not a one-step generator at t_init={t_init} (its "
                           f"manifest: sampler {edit.manifest.get('sampler')!r}, timestep "
                           f"{edit.manifest.get('generator_timestep')}): give a matching SFD Edit or set `t_init`")

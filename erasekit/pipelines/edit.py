@@ -232,7 +232,9 @@ class Edit:
     @property
     def one_step(self) -> bool:
         """True for a one-step generator (SFD): sample it through its own one-step pipeline."""
-        return self.manifest.get("sampler") == "one_step"
+        from .one_step import ONE_STEP
+
+        return self.manifest.get("sampler") == ONE_STEP
 
     @contextmanager
     def sampled(self, pipe) -> Iterator:

@@ -174,7 +174,7 @@ def one_step_pipeline(pipe, edit=None, t_init: int | None = None) -> OneStepPipe
             raise ConfigError("give an SFD Edit, or t_init to use the pipeline's own UNet as the generator")
         unet = pipe.unet
     else:
-        if edit.manifest.get("sampler") != ONE_STEP:
+        if not edit.one_step:
             raise EditError(f"this Edit (method {edit.manifest.get('method')!r}) is not a one-step generator: "
                             "apply it with edit.apply(pipe) and sample with generate(pipe, ...)")
         others = [k for k in edit.keys if not k.startswith("unet/")]
