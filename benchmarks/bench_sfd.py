@@ -3,6 +3,7 @@
     python benchmarks/bench_sfd.py speed                 # canvas-mini (random weights if assets are absent)
     python benchmarks/bench_sfd.py speed --edit sfd.safetensors --images 50 --repeats 3 --threads 1
     python benchmarks/bench_sfd.py forget --style Van_Gogh --out /tmp/sfd-van-gogh [--options '{"iterations": 300}']
+    python benchmarks/bench_sfd.py score --edit /tmp/sfd-van-gogh/sfd.safetensors --style Van_Gogh --seeds 5
 
 ``speed``: both sides run through :func:`erasekit.pipelines.generate` with the same prompts, seeds and batch:
 the teacher with ``Sampling()`` (DDIM, 25 steps, guidance 7.5: 50 UNet evaluations per image), the
@@ -18,6 +19,8 @@ time, saves the Edit, then scores one-step samples of the 10 objects x 10 styles
 style, IRA = mean style accuracy over the other styles, CRA = mean object accuracy over all objects
 (all styles; metrics.md section 1.4). ``--baseline`` scores the un-distilled starting point (the
 teacher used as a one-step generator) the same way. Writes ``result.json`` next to the Edit.
+
+``score``: the same scores for a saved SFD Edit (``--edit``, forgetting ``--style``) at ``--seeds`` seeds.
 """
 
 from __future__ import annotations
@@ -119,16 +122,36 @@ def canvas_scores(fast, judge, seeds: list[int], target: str) -> dict:
             "images": len(images)}
 
 
-def forget(a) -> dict:
+def _setup(a):
+    """(target style, pipeline, weights note, canvas judge) of a forget/score run."""
     from erasekit.canvas.world import STYLES, check_label
-    from erasekit.erase import erase
     from erasekit.eval.judges import CanvasJudge
-    from erasekit.pipelines import Edit, one_step_pipeline
 
     target = STYLES[check_label(a.style, STYLES, "style")]
     pipe, weights = load_model(a.model)
     pipe.to(a.device)
-    judge = CanvasJudge.load(a.judge) if a.judge else CanvasJudge.load()
+    return target, pipe, weights, CanvasJudge.load(a.judge) if a.judge else CanvasJudge.load()
+
+
+def score(a) -> dict:
+    """Score a saved SFD Edit again (other seeds, more images) without distilling."""
+    from erasekit.pipelines import Edit, one_step_pipeline
+
+    if a.edit is None:
+        raise SystemExit("score needs --edit (an SFD Edit file)")
+    target, pipe, weights, judge = _setup(a)
+    edit = Edit.load(a.edit, pipe)
+    seeds = list(range(a.seeds))
+    return {"benchmark": "sfd_score", "model": a.model, "weights": weights, "edit": str(a.edit), "target": target,
+            "threads": a.threads, "eval_seeds": seeds, "sampler": "one_step", "config": edit.manifest.get("config"),
+            "sfd": canvas_scores(one_step_pipeline(pipe, edit), judge, seeds, target)}
+
+
+def forget(a) -> dict:
+    from erasekit.erase import erase
+    from erasekit.pipelines import Edit, one_step_pipeline
+
+    target, pipe, weights, judge = _setup(a)
     options = json.loads(a.options)
     seeds = list(range(a.seeds))
     out = {"benchmark": "sfd_forget_style", "model": a.model, "weights": weights, "target": target,
@@ -151,22 +174,23 @@ def forget(a) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["speed", "forget"], nargs="?", default="speed")
+    p.add_argument("mode", choices=["speed", "forget", "score"], nargs="?", default="speed")
     p.add_argument("--model", default="canvas-mini", help="canvas-mini or a pipeline directory")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="forget: where to distil (cpu or cuda)")
-    p.add_argument("--edit", type=Path, default=None, help="speed: an SFD Edit (default: teacher UNet as generator)")
+    p.add_argument("--edit", type=Path, default=None, help="speed: an SFD Edit (default: teacher UNet as "
+                   "generator); score: the SFD Edit to score")
     p.add_argument("--images", type=int, default=50, help="speed: images per call (one batch)")
     p.add_argument("--repeats", type=int, default=3, help="speed: timed runs of each side")
-    p.add_argument("--style", default="Van_Gogh", help="forget: the style to forget")
+    p.add_argument("--style", default="Van_Gogh", help="forget: the style to forget; score: the style it forgot")
     p.add_argument("--options", default="{}", help="forget: SFD options as JSON")
-    p.add_argument("--seeds", type=int, default=5, help="forget: evaluation seeds per (object, style)")
+    p.add_argument("--seeds", type=int, default=5, help="forget, score: evaluation seeds per (object, style)")
     p.add_argument("--judge", default=None, help="forget: canvas judge directory (default assets/canvas-judge)")
     p.add_argument("--baseline", action="store_true", help="forget: also score the teacher as a one-step generator")
     p.add_argument("--out", type=Path, default=Path("sfd-bench"), help="forget: output folder")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    result = speed(a) if a.mode == "speed" else forget(a)
+    result = {"speed": speed, "forget": forget, "score": score}[a.mode](a)
     print(json.dumps(result))
     return result
 

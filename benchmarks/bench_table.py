@@ -22,10 +22,10 @@ soon as it finishes; a rerun skips finished jobs, and long erasures resume from 
 - ``ratio/closed_form`` (UCE / RECE edit time on the SD 1.4 architecture, random weights) and
   ``ratio/one_step`` (SFD one-step sampling against the teacher's DDIM 25): their own scripts.
 
-SFD runs the paper's two-stage recipe at a reduced CPU budget (``SFD_STAGE1``, ``SFD_OPTIONS``):
-one plain one-step distillation (``sfd/stage1``, no forgetting, shared by every SFD job, the
-counterpart of the SiD-LSG checkpoint the reference starts from), then a short forgetting run per
-target from it. Every other method runs at its defaults. The budgets are in the JSON.
+SFD runs its default two-stage recipe (``SFD_STAGE1``, ``SFD_OPTIONS``) with stage 1 done once:
+one plain one-step distillation of every caption (``sfd/stage1``, no forgetting, shared by every SFD
+job, the counterpart of the SiD-LSG checkpoint the reference starts from), then the default
+forgetting run per target from it. Every other method runs at its defaults. The budgets are in the JSON.
 
 Erase time is the erasure's wall time and this process's CPU time; peak memory is the process's
 peak resident set during the erasure (CPU) as recorded in the Edit's manifest.
@@ -49,10 +49,10 @@ OBJECTS = ("Flowers", "Cats", "Towers", "Fishes")
 SEQUENCE = ("Van_Gogh", "Pop_Art", "Ukiyoe", "Cubism", "Watercolor")
 PROTOCOL = "canvas-lite"
 ATTACK_PROMPTS = 5       # captions per target: the first 5 objects (style target) or styles (object target)
-SFD_STAGE1 = {"iterations": 400, "forget_batch_size": 0}
-SFD_OPTIONS = {"iterations": 100}
+SFD_STAGE1 = {"iterations": 400, "forget_batch_size": 0, "distill_iterations": 0}
+SFD_OPTIONS = {"iterations": 200}
 # rough CPU seconds of each job on one core, only to order the work (longest first)
-COST = {"uce": 90, "rece": 110, "esd": 250, "salun": 190, "advunlearn": 320, "sfd": 240}
+COST = {"uce": 90, "rece": 110, "esd": 250, "salun": 190, "advunlearn": 320, "sfd": 360}
 
 
 # -- jobs -------------------------------------------------------------------------------------------

@@ -4,13 +4,14 @@ import pytest
 import torch
 
 import erasekit
+from erasekit.canvas.world import OBJECTS
 from erasekit.erase.sfd import SFDConfig, SFDTrainer, prompt_sets, sid_loss
 from erasekit.errors import ConfigError, EditError
 from erasekit.pipelines import Edit, FamilyAdapter, Sampling, generate, one_step_pipeline
 from erasekit.pipelines.one_step import alphas_cumprod, one_step_latents, to_x0_eps
 
 RETAIN = ("a photo of a dog", "a red house", "a tree in winter")
-TINY = dict(batch_size=2, forget_batch_size=2, retain_prompts=RETAIN, progress=False)
+TINY = dict(batch_size=2, forget_batch_size=2, distill_iterations=0, retain_prompts=RETAIN, progress=False)
 
 
 def _trainer(pipe, **options):
@@ -37,10 +38,21 @@ def test_canvas_style_prompts():
     assert len(sets.forget) == 50 and len(sets.retain) == 450  # 10 objects x 5 templates; 9 other styles
     assert all("Van Gogh" in p for p in sets.forget) and not any("Van Gogh" in p for p in sets.retain)
     rng = torch.Generator().manual_seed(0)
-    safe = [sets.safe_prompt(0, rng) for _ in range(30)]
+    assert {sets.safe_prompt(0, rng) for _ in range(10)} == {sets.forget[0].replace("Van Gogh", "Watercolor")}
+    rand = prompt_sets(["Van Gogh"], SFDConfig(pseudo_label="rand"))
+    safe = [rand.safe_prompt(0, rng) for _ in range(30)]
     assert not any("Van Gogh" in s for s in safe) and len(set(safe)) > 3  # a random other style each time
     obj = sets.forget[0].split()[1]
     assert all(obj in s for s in safe)  # only the style is swapped
+
+
+def test_next_label_skips_forgotten_ones_and_wraps():
+    sets = prompt_sets(["Van_Gogh", "Watercolor", "Winter"], SFDConfig())
+    rng = torch.Generator()
+    picks = {sets.safe_prompt(i, rng) for i, p in enumerate(sets.forget) if p == "A Cats image in Winter style."}
+    assert picks == {"A Cats image in Cubism style."}  # Winter -> (Cubism, wrapped round), not a forgotten one
+    with pytest.raises(ConfigError, match="override"):
+        prompt_sets(list(OBJECTS), SFDConfig())
 
 
 def test_override_and_prompt_errors():
@@ -138,7 +150,7 @@ def test_erase_leaves_pipeline_unchanged(tiny_pipe):
 def test_one_step_save_load_round_trip(tiny_sd1, tmp_path):
     edit = erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=1, **TINY)
     loaded = Edit.load(edit.save(tmp_path / "sfd.safetensors"), tiny_sd1)
-    assert loaded.manifest["sampler"] == "one_step"
+    assert loaded.manifest["sampler"] == "one_step" and loaded.manifest["safe_concepts"] == {"cat": [""]}
     a, b = one_step_pipeline(tiny_sd1, edit), one_step_pipeline(tiny_sd1, loaded)
     prompts, seeds = ["a cat", "a dog", "a cat"], [0, 1, 2]
     x = generate(a, prompts, seeds, Sampling(batch_size=3), output_type="pt")
@@ -225,3 +237,19 @@ def test_two_stage_generator_init(tiny_sd1, tmp_path):
     assert all(torch.equal(start.weights[k], stage1.weights[k]) for k in stage1.keys)
     with pytest.raises(ConfigError, match="t_init"):
         erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=0, generator_init=str(path), t_init=500, **TINY)
+
+
+def test_stage1_inside_one_call_matches_generator_init(tiny_sd1, tmp_path):
+    """Without ``generator_init`` the call distils first (plain SiD), then forgets from that generator."""
+    ck = tmp_path / "ck"
+    both = erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=1, **{**TINY, "distill_iterations": 2},
+                          checkpoint_dir=str(ck))
+    assert both.manifest["distill_iterations_run"] == 2 and both.manifest["iterations_run"] == 1
+    assert (ck / "stage1" / "sfd-state.safetensors").exists() and (ck / "stage2" / "sfd-state.safetensors").exists()
+    plain = erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=2,
+                           **{**TINY, "forget_batch_size": 0, "distill_iterations": 5})  # plain: no stage 1
+    assert plain.manifest["distill_iterations_run"] is None and plain.manifest["iterations_run"] == 2
+    path = plain.save(tmp_path / "plain.safetensors")
+    after = erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=1, generator_init=str(path), **TINY)
+    assert all(torch.equal(both.weights[k], after.weights[k]) for k in after.keys)
+    assert not all(torch.equal(both.weights[k], plain.weights[k]) for k in plain.keys)  # stage 2 did move it
