@@ -565,7 +565,7 @@ def sfd(pipe, concepts: list[str], config: SFDConfig):
                          checkpoint_dir=stage_dir("stage1"))
         with SFDTrainer(pipe, concepts, stage1) as trainer:
             trainer.train()
-            generator = {k: v.detach().clone() for k, v in trainer.generator().state_dict().items()}
+            generator = trainer.generator().state_dict()  # detached tensors, kept alive past the trainer
             distilled = trainer.step
         config = replace(config, checkpoint_dir=stage_dir("stage2"))
     with SFDTrainer(pipe, concepts, config, generator) as trainer:
