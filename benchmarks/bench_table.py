@@ -331,7 +331,7 @@ def _summary(name: str, styles: list[dict], objects: list[dict]) -> dict:
 
 
 def render(doc: dict) -> str:
-    """The README's tables (Markdown) from a collected document."""
+    """The benchmark page's tables (docs/benchmark.md, Markdown) from a collected document."""
     lines = ["| method | style UA | style IRA | style CRA | object UA | object IRA | object CRA | FID | CLIP "
              "| pre-ASR | ASR | attack evals | erase wall / CPU | peak RSS | Edit size |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--workers", type=int, default=2, help="worker processes (one job each at a time)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    ap.add_argument("--styles", nargs="*", default=list(STYLES), help="style targets (the README table: the default)")
+    ap.add_argument("--styles", nargs="*", default=list(STYLES), help="style targets (the benchmark page's table: the default)")
     ap.add_argument("--objects", nargs="*", default=list(OBJECTS), help="object targets")
     ap.add_argument("--sequence", nargs="*", default=list(SEQUENCE), help="styles erased one after another "
                     "(none: no sequential jobs)")
