@@ -112,7 +112,7 @@ def run_variant(name: str, args) -> dict:
     timed(advunlearn.AdvUnlearnTrainer, "loss", "loss")
     timed(advunlearn.AdvUnlearnTrainer, "attack", "attack")
     timed(engine.Trainer, "_edit", "edit")
-    from erasekit.attacks.prefix import attack_vocabulary
+    from erasekit.pipelines.prefix import attack_vocabulary
 
     attack_vocabulary([pipe.tokenizer])   # built once per process and cached: not part of an iteration
     rss_before = _rss_bytes()
@@ -249,7 +249,7 @@ def main() -> None:
                    help="--canvas: method.key=value, e.g. advunlearn.lr=3e-4; attack.key=value changes the "
                         "attack of both methods, e.g. attack.k=5")
     p.add_argument("--pipeline", default="canvas-mini", help="--canvas: the base model")
-    p.add_argument("--judge", default=None, help="--canvas: judge folder (default assets/canvas-judge)")
+    p.add_argument("--judge", default=None, help="--canvas: judge folder (default erasekit/assets/canvas-judge)")
     p.add_argument("--seeds", type=int, default=1, help="--canvas: seeds per grid caption")
     p.add_argument("--resume", action="store_true", help="--canvas: keep rows already in the results file")
     p.add_argument("--edits", default=None,

@@ -196,7 +196,7 @@ def _options(pairs: list[str], eraser: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="canvas-mini")
-    ap.add_argument("--judge", default=str(ROOT / "assets" / "canvas-judge"))
+    ap.add_argument("--judge", default=None, help="canvas judge folder (default: the shipped one)")
     ap.add_argument("--erasers", nargs="+", default=["uce", "esd"])
     ap.add_argument("--erase-option", action="append",
                     help="key=value or eraser:key=value passed to erase() (repeatable), e.g. esd:lr=5e-4")

@@ -49,14 +49,15 @@ def main() -> None:
     p.add_argument("--protocol", default="canvas-lite", choices=["canvas-lite", "canvas"])
     p.add_argument("--method", default="uce")
     p.add_argument("--concept", default="Van_Gogh")
-    p.add_argument("--clip", default=None, help="canvas CLIP folder (default: assets/canvas-clip)")
+    p.add_argument("--clip", default=None, help="canvas CLIP folder (default: erasekit/assets/canvas-clip)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     import torch
 
     torch.set_num_threads(a.threads)
     import erasekit
-    from erasekit.canvas.clip import load_canvas_clip
+    from erasekit._assets import asset_path
+    from erasekit.eval.clip_score import load_canvas_clip
     from erasekit.eval.protocol import get_protocol
 
     (pipe, edit), t_setup = timed(lambda: _pipe_and_edit(a))
@@ -69,7 +70,7 @@ def main() -> None:
         report, cold = timed(run)
         again, warm = timed(run)
     result = {"protocol": report.protocol, "method": a.method, "concept": a.concept,
-              "base_model_step": json.loads((ROOT / "assets/canvas-mini/training_step.json").read_text()),
+              "base_model_step": json.loads((asset_path("canvas-mini") / "training_step.json").read_text()),
               "torch_threads": a.threads, "load_and_erase": t_setup, "evaluate_cold_cache": cold,
               "evaluate_warm_cache": warm, "edited": report.summary(), "baseline_summary": {
                   k: report.baseline.get(k) for k in ("mean_style_accuracy", "mean_object_accuracy")},

@@ -10,7 +10,7 @@ the teacher with ``Sampling()`` (DDIM, 25 steps, guidance 7.5: 50 UNet evaluatio
 one-step pipeline with one UNet evaluation per image; text encoding and VAE decoding are included
 on both sides. Without ``--edit`` the one-step side uses the teacher's own UNet as the generator,
 which costs exactly what a distilled generator costs (same architecture). Without
-assets/canvas-mini the canvas-mini architecture is built with random weights (same compute).
+erasekit/assets/canvas-mini the canvas-mini architecture is built with random weights (same compute).
 Prints one JSON line.
 
 ``forget``: runs ``erase(pipe, "sfd", [style], **options)`` (defaults: SFDConfig's), records its wall
@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def canvas_architecture():
@@ -69,9 +68,10 @@ def timed_pair(slow_fn, fast_fn, repeats: int) -> tuple[list[float], list[float]
 
 
 def load_model(model: str):
+    from erasekit._assets import asset_path
     from erasekit.pipelines import load_pipeline
 
-    if model == "canvas-mini" and not (ROOT / "assets/canvas-mini/model_index.json").exists():
+    if model == "canvas-mini" and not (asset_path("canvas-mini", must_exist=False) / "model_index.json").exists():
         return canvas_architecture(), "random (canvas-mini architecture)"
     return load_pipeline(model), model
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--style", default="Van_Gogh", help="forget: the style to forget; score: the style it forgot")
     p.add_argument("--options", default="{}", help="forget: SFD options as JSON")
     p.add_argument("--seeds", type=int, default=5, help="forget, score: evaluation seeds per (object, style)")
-    p.add_argument("--judge", default=None, help="forget: canvas judge directory (default assets/canvas-judge)")
+    p.add_argument("--judge", default=None, help="forget: canvas judge directory (default erasekit/assets/canvas-judge)")
     p.add_argument("--baseline", action="store_true", help="forget: also score the teacher as a one-step generator")
     p.add_argument("--out", type=Path, default=Path("sfd-bench"), help="forget: output folder")
     a = p.parse_args(argv)

@@ -18,7 +18,7 @@ soon as it finishes; a rerun skips finished jobs, and long erasures resume from 
   (its default configuration) on the target's captions for the first 5 objects (or styles) at seed
   0, target images from the original model. ASR includes pre-ASR (UnlearnDiffAtk's definition).
 - ``sequential/<method>``: the 5 styles of ``SEQUENCE`` erased one after another
-  (:func:`erasekit.eval.sequential`), scored after each step.
+  (:func:`erasekit.workflows.sequential`), scored after each step.
 - ``ratio/closed_form`` (UCE / RECE edit time on the SD 1.4 architecture, random weights) and
   ``ratio/one_step`` (SFD one-step sampling against the teacher's DDIM 25): their own scripts.
 
@@ -190,7 +190,7 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
                       "preset": edit.manifest.get("preset") or edit.manifest.get("resolved"),
                       "edit_config": edit.manifest.get("config")}
         elif kind == "sequential":
-            from erasekit.eval import sequential
+            from erasekit.workflows import sequential
 
             m = spec["method"]
             options = method_options(m, out, name, spec.get("budget"))

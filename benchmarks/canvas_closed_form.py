@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--options", default="{}", help="method options as JSON")
     ap.add_argument("--pipeline", default="canvas-mini")
-    ap.add_argument("--judge", default=None, help="judge directory (default assets/canvas-judge)")
+    ap.add_argument("--judge", default=None, help="judge directory (default erasekit/assets/canvas-judge)")
     ap.add_argument("--attack", default=None, help="also attack each edit (unlearndiffatk, seed_search, ...)")
     ap.add_argument("--attack-options", default="{}", help="attack options as JSON")
     ap.add_argument("--out", type=Path, default=None)

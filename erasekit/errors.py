@@ -27,6 +27,16 @@ class TrainingError(ErasekitError):
     """A training run failed (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
+class DegenerateOutputError(ErasekitError):
+    """The model made non-finite latents or images, or flat single-colour images: it is broken, so its
+    outputs cannot be judged and nothing about erasure can be concluded from them."""
+
+
+class OutputWriteError(ErasekitError, OSError):
+    """A result file could not be written (no space, no permission, a file where a folder should be);
+    any previous file at that path is left as it was."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise :class:`MissingExtraError` with the install command."""
     import importlib

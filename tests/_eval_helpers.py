@@ -48,8 +48,9 @@ class _Weights(torch.nn.Module):
 
 class PaintPipe:
     """A one-step "pipeline" (the hook SFD's generators use) that paints each image from its prompt:
-    red for Cubism, blue for Mosaic; bright for Cats, dark for Trees. ``broken`` seeds give NaN;
-    ``weight`` is its one (unused) parameter, which tells two painters apart."""
+    red for Cubism, blue for Mosaic; bright for Cats, dark for Trees, with a zero-mean checkerboard
+    texture (a flat colour is what a broken model makes, and generation refuses it). ``broken`` seeds
+    give NaN; ``weight`` is its one (unused) parameter, which tells two painters apart."""
 
     def __init__(self, broken=(), weight: float = 1.0):
         self.unet = _Weights(weight)
@@ -61,5 +62,6 @@ class PaintPipe:
             level = 0.8 if "Cats" in p else 0.2
             img = np.full((8, 8, 3), level, np.float32)
             img[..., 0 if "Cubism" in p else 2] += 0.15
+            img += np.where(np.indices((8, 8)).sum(0) % 2 == 0, 0.04, -0.04)[..., None].astype(np.float32)
             out.append(np.full_like(img, np.nan) if s in self.broken else img)
         return out

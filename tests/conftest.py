@@ -12,11 +12,27 @@ from pathlib import Path
 import pytest
 import torch
 
+from erasekit._assets import asset_path
+
 warnings.filterwarnings("error", category=FutureWarning, module="diffusers")
 warnings.filterwarnings("error", category=DeprecationWarning, module="diffusers")
 warnings.filterwarnings("error", category=FutureWarning, module="transformers")
 
-CANVAS = Path(__file__).resolve().parents[1] / "assets" / "canvas-mini"
+CANVAS = asset_path("canvas-mini", must_exist=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def erasekit_cache(tmp_path_factory):
+    """The run cache (training methods' automatic checkpoints) in a temporary folder, not the home folder."""
+    import os
+
+    before = os.environ.get("ERASEKIT_CACHE")
+    os.environ["ERASEKIT_CACHE"] = str(tmp_path_factory.mktemp("erasekit-cache"))
+    yield Path(os.environ["ERASEKIT_CACHE"])
+    if before is None:
+        os.environ.pop("ERASEKIT_CACHE", None)
+    else:
+        os.environ["ERASEKIT_CACHE"] = before
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +121,7 @@ def tiny_sd1(clip_tokenizer_dir):
 def canvas_pipe():
     """canvas-mini, loaded once per session (tests must not leave edits applied)."""
     if not (CANVAS / "model_index.json").exists():
-        pytest.skip("assets/canvas-mini is not built")
+        pytest.skip("erasekit/assets/canvas-mini is not built")
     from erasekit.pipelines import load_pipeline
 
     return load_pipeline("canvas-mini")

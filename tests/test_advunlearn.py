@@ -57,8 +57,14 @@ def test_retain_prompts_from_a_text_file(tmp_path):
         AdvUnlearnConfig(retain=str(tmp_path / "missing.txt"))
 
 
-def test_automatic_retain_sets_never_mention_the_concept():
-    canvas = retain_prompts(["Van_Gogh"], "auto")
+def _ctx(concepts, pipe=None, **options):
+    from erasekit.presets import concept_context
+
+    return concept_context(pipe, concepts, AdvUnlearnConfig(**options))
+
+
+def test_automatic_retain_sets_never_mention_the_concept(canvas_pipe):
+    canvas = retain_prompts(["Van_Gogh"], "auto", _ctx(["Van_Gogh"], canvas_pipe))
     assert len(canvas) == 90 and not any("Van Gogh" in p for p in canvas)
     coco = retain_prompts(["cat"], "auto")
     assert "a photo of a dog" in coco and "a photo of a cat" not in coco
@@ -68,23 +74,28 @@ def test_automatic_retain_sets_never_mention_the_concept():
         retain_prompts(["photo"], "coco")
 
 
-def test_concept_prompts_use_canvas_captions_for_canvas_labels():
-    assert concept_prompts(["Cats"], "auto") == [f"A Cats image in {s} style." for s in
-                                                  ("Cubism", "Mosaic", "Neon Lines", "On Fire", "Pencil Drawing",
-                                                   "Pop Art", "Ukiyoe", "Van Gogh", "Watercolor", "Winter")]
+def test_concept_prompts_use_canvas_captions_for_canvas_labels(canvas_pipe):
+    assert concept_prompts(["Cats"], "auto", _ctx(["Cats"], canvas_pipe)) == [
+        f"A Cats image in {s} style." for s in ("Cubism", "Mosaic", "Neon Lines", "On Fire", "Pencil Drawing",
+                                                "Pop Art", "Ukiyoe", "Van Gogh", "Watercolor", "Winter")]
+    assert concept_prompts(["Cats"], "auto") == ["Cats"]   # another model: the concept itself
     assert concept_prompts(["nudity"], "auto") == ["nudity"]
-    assert concept_prompts(["Cats"], "concept") == ["Cats"]
+    assert concept_prompts(["Cats"], "concept", _ctx(["Cats"], canvas_pipe)) == ["Cats"]
 
 
-def test_canvas_labels_get_the_attribute_form_other_concepts_the_whole_prompt():
-    prompts = concept_prompts(["Cats", "nudity"], "auto")
-    attrs = prompt_attributes(["Cats", "nudity"], prompts, AdvUnlearnConfig())
+def test_canvas_labels_get_the_attribute_form_other_concepts_the_whole_prompt(canvas_pipe):
+    ctx = _ctx(["Cats", "nudity"], canvas_pipe, allow_unknown_concept=True)
+    prompts = concept_prompts(["Cats", "nudity"], "auto", ctx)
+    attrs = prompt_attributes(["Cats", "nudity"], prompts, AdvUnlearnConfig(), ctx)
     assert attrs == ["A Cats image."] * 10 + ["nudity"]
-    vg = concept_prompts(["Van_Gogh"])
-    assert prompt_attributes(["Van_Gogh"], vg, AdvUnlearnConfig()) is None   # auto: styles keep the caption form
-    assert prompt_attributes(["Van_Gogh"], vg, AdvUnlearnConfig(canvas_prompts="attribute")) == ["Van Gogh style."] * 10
-    assert prompt_attributes(["Cats"], prompts[:10], AdvUnlearnConfig(canvas_prompts="caption")) is None
-    assert prompt_attributes(["nudity"], ["nudity"], AdvUnlearnConfig()) is None
+    ctx = _ctx(["Van_Gogh"], canvas_pipe)
+    vg = concept_prompts(["Van_Gogh"], "auto", ctx)
+    assert prompt_attributes(["Van_Gogh"], vg, AdvUnlearnConfig(), ctx) is None   # auto: styles keep the caption form
+    assert prompt_attributes(["Van_Gogh"], vg, AdvUnlearnConfig(prompt_form="attribute"), ctx) == \
+        ["Van Gogh style."] * 10
+    ctx = _ctx(["Cats"], canvas_pipe)
+    assert prompt_attributes(["Cats"], prompts[:10], AdvUnlearnConfig(prompt_form="caption"), ctx) is None
+    assert prompt_attributes(["nudity"], ["nudity"], AdvUnlearnConfig(), _ctx(["nudity"])) is None
 
 
 def test_text_encoder_without_inputs_embeds_is_refused(tiny_sd1):
@@ -104,14 +115,16 @@ def test_text_encoder_without_inputs_embeds_is_refused(tiny_sd1):
         erasekit.erase(tiny_sd1, "advunlearn", ["Van Gogh"], **FAST)
 
 
-def test_presets_scale_with_the_model(tiny_sd1):
-    small = preset(tiny_sd1, ["Van Gogh"], AdvUnlearnConfig())
+def test_presets_follow_the_model(tiny_sd1, canvas_pipe):
+    small = preset(canvas_pipe, ["Van Gogh"], AdvUnlearnConfig())
     assert small["steps"] < 1000 and small["warmup"] == small["steps"] // 5 and small["gamma"] == 0.5
     assert (small["k"], small["lr"], small["eta"]) == (3, 1e-3, 1.0)
-    assert preset(tiny_sd1, ["Cats"], AdvUnlearnConfig())["eta"] == 3.0        # canvas object, attribute form
-    assert preset(tiny_sd1, ["Cats"], AdvUnlearnConfig(canvas_prompts="caption"))["eta"] == 1.0
-    assert preset(tiny_sd1, ["Cats"], AdvUnlearnConfig(eta=2.0))["eta"] == 2.0
-    assert preset(tiny_sd1, ["Van Gogh"], AdvUnlearnConfig(k=2, lr=5e-4))["k"] == 2
+    assert preset(canvas_pipe, ["Cats"], AdvUnlearnConfig())["eta"] == 3.0        # canvas object, attribute form
+    assert preset(canvas_pipe, ["Cats"], AdvUnlearnConfig(prompt_form="caption"))["eta"] == 1.0
+    assert preset(canvas_pipe, ["Cats"], AdvUnlearnConfig(eta=2.0))["eta"] == 2.0
+    assert preset(canvas_pipe, ["Van Gogh"], AdvUnlearnConfig(k=2, lr=5e-4))["k"] == 2
+    tiny = preset(tiny_sd1, ["Cats"], AdvUnlearnConfig())   # a small model that is not canvas-mini: the paper's
+    assert (tiny["steps"], tiny["lr"], tiny["k"], tiny["eta"], tiny["ddim_steps"]) == (1000, 1e-5, 1, 1.0, 50)
     tiny_sd1.unet.register_to_config(sample_size=64)   # what a full-size SD 1.x UNet reports
     full = preset(tiny_sd1, ["nudity"], AdvUnlearnConfig(attack="fast_at"))
     assert (full["steps"], full["lr"], full["warmup"], full["attack_steps"], full["gamma"], full["ddim_steps"]) == \
@@ -130,7 +143,7 @@ def test_edit_holds_only_text_encoder_layers_and_pipeline_is_unchanged(tiny_pipe
     assert _same(unet, _state(tiny_pipe.unet)) and _same(te, _state(tiny_pipe.text_encoder))
     assert flags == [p.requires_grad for p in tiny_pipe.text_encoder.parameters()]
     assert not tiny_pipe.unet.is_gradient_checkpointing
-    assert edit.manifest["preset"]["attack_steps"] == 2 and edit.manifest["attacks"]["runs"] == 3
+    assert edit.manifest["resolved"]["attack_steps"] == 2 and edit.manifest["attacks"]["runs"] == 3
     if getattr(tiny_pipe, "text_encoder_2", None) is not None:   # SDXL: both encoders trained
         assert any(k.startswith("text_encoder_2/") for k in edit.keys)
 
@@ -148,7 +161,7 @@ def test_warmup_only_run_never_attacks_and_fast_at_is_one_step(tiny_sd1):
     edit = erasekit.erase(tiny_sd1, "advunlearn", ["Van Gogh"], **{**FAST, "warmup": 4})
     assert edit.manifest["attacks"]["runs"] == 0
     edit = erasekit.erase(tiny_sd1, "advunlearn", ["Van Gogh"], **{**FAST, "attack": "fast_at", "attack_steps": None})
-    assert edit.manifest["preset"]["attack_steps"] == 1 and edit.manifest["attacks"]["runs"] == 3
+    assert edit.manifest["resolved"]["attack_steps"] == 1 and edit.manifest["attacks"]["runs"] == 3
 
 
 def test_same_seed_same_edit_and_iter_mode_runs(tiny_sd1):

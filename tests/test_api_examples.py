@@ -12,7 +12,7 @@ import torch
 
 from conftest import CANVAS
 
-pytestmark = pytest.mark.skipif(not (CANVAS / "model_index.json").exists(), reason="assets/canvas-mini is not built")
+pytestmark = pytest.mark.skipif(not (CANVAS / "model_index.json").exists(), reason="erasekit/assets/canvas-mini is not built")
 
 FAST = ["erasekit.pipelines.loading", "erasekit.pipelines.generation", "erasekit.erase.registry",
         "erasekit.erase.uce"]

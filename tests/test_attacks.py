@@ -236,8 +236,10 @@ def test_edit_is_applied_for_the_attack_only_and_targets_use_the_original(tiny_s
     base = float(tiny_sd1.unet.conv_in.weight.detach().sum())
     res = attack(tiny_sd1, ["a cat"], "bright", judge=ToneJudge(255), edit=edit, sampling=FAST, progress=False,
                  **SHORT)
-    assert seen[0] == base and all(s == pytest.approx(3 * base) for s in seen[1:])
-    assert len(seen) == 4  # targets; then with the edit: no-attack evaluation, one per block
+    assert seen[1] == base and all(s == pytest.approx(3 * base) for s in seen[:1] + seen[2:])
+    # one probe image with the edit (a broken Edit fails before the targets); the targets; then with
+    # the edit: no-attack evaluation, one per block
+    assert len(seen) == 5
     assert res.protocol["targets"].startswith("original model")
     assert all(torch.equal(before[k], v) for k, v in _state(tiny_sd1).items())
 
@@ -268,15 +270,45 @@ def test_baselines_share_the_result_type(tiny_sd1, method):
         assert p.adv_prompt.endswith(" a cat") and len(p.adv_prompt.split()) == 5 and p.adv_seed == 0
 
 
-def test_sdxl_puts_the_prefix_in_both_encoders(clip_tokenizer_dir):
+def test_sdxl_puts_the_prefix_in_both_encoders(clip_tokenizer_dir, monkeypatch):
     from conftest import build_tiny
 
+    from erasekit.attacks import unlearndiffatk
+    from erasekit.pipelines import FamilyAdapter
+
     pipe = build_tiny("sdxl", clip_tokenizer_dir)
-    res = attack(pipe, ["a cat"], "bright", judge=ToneJudge(255), sampling=FAST, progress=False, **SHORT)
+    texts, contexts = [], []   # per optimisation step: the sampled prompt, and what the UNet read
+    sample = unlearndiffatk._BatchAttack.sample_onehot
+
+    def recording_sample(state):
+        s = sample(state)
+        texts.append(state.sub.texts(state.vocab[s.argmax(-1)].cpu()))
+        return s
+
+    def hook(module, args, kwargs, out):
+        if torch.is_grad_enabled():
+            contexts.append((kwargs["encoder_hidden_states"].detach(),
+                             kwargs["added_cond_kwargs"]["text_embeds"].detach()))
+
+    monkeypatch.setattr(unlearndiffatk._BatchAttack, "sample_onehot", recording_sample)
+    handle = pipe.unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        res = attack(pipe, ["a cat"], "bright", judge=ToneJudge(255), sampling=FAST, progress=False, **SHORT)
+    finally:
+        handle.remove()
     p = res.prompts[0]
     assert p.grad_steps == 4 and p.adv_prompt != "a cat"
-    for which in (0, 1):
-        assert pipe.tokenizer.decode(pipe.tokenizer(p.adv_prompt).input_ids[1:4]) == p.adv_prompt[:-len(" a cat")]
+    for tok in (pipe.tokenizer, pipe.tokenizer_2):   # the prompt re-tokenises to its prefix in both tokenizers
+        assert tok.decode(tok(p.adv_prompt).input_ids[1:4]) == p.adv_prompt[:-len(" a cat")]
+    # every step's context is the text path's encoding of the sampled prompt, in each encoder's half
+    adapter, width = FamilyAdapter(pipe), pipe.text_encoder.config.hidden_size
+    assert len(texts) == len(contexts) == 4
+    for prompts, (embeds, pooled) in zip(texts, contexts):
+        ref = adapter.encode(prompts)
+        assert prompts[0].endswith(" a cat") and prompts[0] != "a cat"
+        for half in (slice(0, width), slice(width, None)):
+            torch.testing.assert_close(embeds[..., half], ref.embeds[..., half], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pooled, ref.pooled, rtol=1e-4, atol=1e-5)
 
 
 class OneStepPipe:

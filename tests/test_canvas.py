@@ -1,15 +1,14 @@
 """The canvas world and the shipped canvas-mini assets."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from erasekit._assets import asset_path
 from erasekit.canvas.render import render
 from erasekit.canvas.world import OBJECTS, STYLES, caption
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = asset_path("canvas-mini", must_exist=False).parent
 
 
 def test_world_size_and_caption():
@@ -49,7 +48,7 @@ def test_tokenizer_ids_match_open_clip(clip_tokenizer_dir):
 
 
 needs_assets = pytest.mark.skipif(not (ASSETS / "canvas-mini" / "model_index.json").exists(),
-                                  reason="assets/canvas-mini is not built")
+                                  reason="erasekit/assets/canvas-mini is not built")
 
 
 @needs_assets

@@ -114,7 +114,7 @@ def test_env_reports_versions(capsys):
     (["erase", "--method", "uce", "--concept", "x", "-o", "erase_scale"], ["key=value"]),
     (["erase", "--method", "uce"], ["required: --concept", "--help"]),
     (["attack", "--edit", "missing.safetensors", "--prompt", "p"], ["no Edit file at missing.safetensors"]),
-    (["attack", "--concept", "Van_Gogh"], ["no prompts", "--prompt"]),
+    (["attack", "--concept", "nudity"], ["no prompts", "--prompt", "canvas-mini's styles and objects"]),
     (["attack", "--concept", "Van_Gogh", "--prompts-file", "nope.txt"], ["nope.txt does not exist"]),
     (["attack", "--concept", "Van_Gogh", "--prompt", "p", "--attack", "zap"], ["unknown attack method 'zap'"]),
     (["frobnicate"], ["invalid choice", "--help"]),

@@ -151,3 +151,44 @@ def test_double_apply_refused(tiny_sd1):
     edit.remove(tiny_sd1)
     with pytest.raises(EditError, match="not applied"):
         edit.remove(tiny_sd1)
+
+
+def test_methods_write_only_the_components_they_declare(tiny_sd1):
+    from dataclasses import dataclass
+
+    from erasekit.erase.registry import _MODULES, MethodConfig, erase, get_method, register
+    from erasekit.errors import ConfigError
+    from erasekit.pipelines.edit import declared_components
+
+    for name in _MODULES:   # every built-in method declares what it changes
+        get_method(name)
+        assert declared_components(name) in {("unet",), ("text_encoder", "text_encoder_2")}, name
+    assert declared_components("advunlearn") == ("text_encoder", "text_encoder_2")
+
+    @dataclass
+    class NoOptions(MethodConfig):
+        pass
+
+    te_key = "text_encoder/" + next(n for n, p in tiny_sd1.text_encoder.named_parameters() if "fc1.weight" in n)
+
+    @register("test-declares-unet", NoOptions, components=("unet",))
+    def writes_text_encoder(pipe, concepts, config):
+        w = pipe.text_encoder.get_parameter(te_key[len("text_encoder/"):]).detach()
+        return Edit.from_weights(pipe, {te_key: w + 1}, {}, low_rank=False)
+
+    before = _state(tiny_sd1)
+    with pytest.raises(ConfigError, match="changes only unet, but this run changed 'text_encoder/"):
+        erase(tiny_sd1, "test-declares-unet", ["x"], allow_unknown_concept=True)
+    assert all(torch.equal(before[k], v) for k, v in _state(tiny_sd1).items())
+    with pytest.raises(ConfigError, match="components among"):
+        register("test-declares-vae", NoOptions, components=("vae",))(writes_text_encoder)
+
+
+def test_low_rank_factors_rank_follows_the_dtype_tolerance():
+    """Rank counts singular values above max(m, n) * eps(dtype) * s_max: float32 rounding of an exact
+    rank-2 product is not rank, a real perturbation far above the tolerance is."""
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(64, 2, generator=g) @ torch.randn(2, 48, generator=g)
+    u, v = low_rank_factors(exact)
+    assert u.shape[1] == 2 and torch.allclose(u @ v, exact, atol=1e-5)
+    assert low_rank_factors(exact + 1e-3 * torch.randn(64, 48, generator=g)) is None

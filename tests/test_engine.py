@@ -192,3 +192,25 @@ def test_two_processes_end_with_identical_weights(tmp_path, clip_tokenizer_dir):
     assert meta_a["world"] == meta_b["world"] == "2"
     assert meta_a["first_loss"] != meta_b["first_loss"]  # each rank drew its own samples
     assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pipeline_digest_is_exact_and_thread_independent(tiny_sd1):
+    from erasekit.erase.engine import pipeline_digest
+
+    before = pipeline_digest(tiny_sd1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert pipeline_digest(tiny_sd1) == before
+    finally:
+        torch.set_num_threads(threads)
+    w = tiny_sd1.unet.conv_in.weight.view(-1)
+    with torch.no_grad():
+        old = w[5].clone()
+        w[5] = torch.nextafter(old, torch.tensor(1.0))   # one ulp
+    assert pipeline_digest(tiny_sd1) != before
+    with torch.no_grad():
+        w[5] = old
+    assert pipeline_digest(tiny_sd1) == before
+    tiny_sd1.scheduler.register_to_config(prediction_type="v_prediction")
+    assert pipeline_digest(tiny_sd1) != before

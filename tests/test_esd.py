@@ -51,7 +51,7 @@ def test_esd_x_touches_only_cross_attention_and_leaves_the_pipeline(tiny_pipe):
     assert all(torch.equal(v, before[k]) for k, v in _unet_state(tiny_pipe).items())
     assert set(edit.keys) == set(select_params(tiny_pipe, "esd-x"))
     assert edit.manifest["method"] == "esd" and edit.manifest["config"]["eta"] == 1.0
-    assert edit.manifest["resolved"]["preset"] == "small"
+    assert edit.manifest["resolved"]["preset"] == "sd"   # not canvas-mini: the paper's defaults
     with edit.applied(tiny_pipe):
         assert any(not torch.equal(v, before[k]) for k, v in _unet_state(tiny_pipe).items())
     assert all(torch.equal(v, before[k]) for k, v in _unet_state(tiny_pipe).items())
@@ -73,7 +73,7 @@ def test_training_moves_the_concept_prediction_onto_the_target(tiny_sd1):
         e_0_ref, e_p_ref = tiny_sd1.unet(torch.cat([x, x]), torch.cat([t, t]),
                                          encoder_hidden_states=ctx.embeds.repeat_interleave(8, 0)).sample.chunk(2)
     start = gap()
-    edit = erasekit.erase(tiny_sd1, "esd", ["a cat"], steps=30, lr=1e-3, progress=False)
+    edit = erasekit.erase(tiny_sd1, "esd", ["a cat"], steps=30, lr=1e-3, ddim_steps=20, progress=False)
     with edit.applied(tiny_sd1):
         end = gap()
     assert end < 0.3 * start
@@ -85,18 +85,23 @@ def test_attribute_variant_and_several_concepts_run(tiny_sd1):
     assert set(edit.keys) == set(select_params(tiny_sd1, "esd-x-strict"))
 
 
-def test_canvas_labels_are_erased_from_their_captions_as_attributes():
+def test_canvas_labels_are_erased_from_their_captions_as_attributes(canvas_pipe):
     from erasekit.canvas.world import OBJECTS, STYLES, caption
     from erasekit.erase.esd import esd_pairs
+    from erasekit.presets import concept_context
 
-    style = esd_pairs(["Van Gogh"], ESDConfig())
+    def pairs(concepts, config, pipe=canvas_pipe):
+        return esd_pairs(concepts, config, concept_context(pipe, concepts, config))
+
+    style = pairs(["Van Gogh"], ESDConfig())
     assert style == [("Van Gogh style.", caption(o, "Van_Gogh")) for o in OBJECTS]
-    obj = esd_pairs(["Cats", "Pop_Art"], ESDConfig())   # several concepts: each paired with its own captions
+    obj = pairs(["Cats", "Pop_Art"], ESDConfig())   # several concepts: each paired with its own captions
     assert obj[:10] == [("A Cats image.", caption("Cats", s)) for s in STYLES]
     assert all(c == "Pop Art style." and "Pop Art" in f for c, f in obj[10:])
-    assert esd_pairs(["Cats"], ESDConfig(canvas_prompts="caption")) == [(caption("Cats", s), None) for s in STYLES]
-    assert esd_pairs(["a red hat"], ESDConfig()) == [("a red hat", None)]
-    assert esd_pairs(["x"], ESDConfig(prompts=["p", "q"], erase_from=["f"])) == [("p", "f"), ("q", "f")]
+    assert pairs(["Cats"], ESDConfig(prompt_form="caption")) == [(caption("Cats", s), None) for s in STYLES]
+    assert pairs(["Van Gogh"], ESDConfig(), None) == [("Van Gogh", None)]   # another model: the concept itself
+    assert pairs(["a red hat"], ESDConfig(allow_unknown_concept=True)) == [("a red hat", None)]
+    assert pairs(["x"], ESDConfig(prompts=["p", "q"], erase_from=["f"]), None) == [("p", "f"), ("q", "f")]
 
 
 def test_resumed_esd_equals_the_uninterrupted_run(tiny_sd1, tmp_path):
@@ -109,7 +114,7 @@ def test_resumed_esd_equals_the_uninterrupted_run(tiny_sd1, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(sampler="ddpm"), dict(preset="xl"), dict(eta=-1.0), dict(ddim_steps=0),
-                                 dict(canvas_prompts="labels"), dict(erase_from=[]), dict(erase_from=["ok", " "])])
+                                 dict(prompt_form="labels"), dict(erase_from=[]), dict(erase_from=["ok", " "])])
 def test_bad_options_are_refused(bad):
     with pytest.raises(ConfigError, match=f"`{next(iter(bad))}`"):
         ESDConfig(**bad)

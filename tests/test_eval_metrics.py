@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from erasekit.errors import ConfigError
+from erasekit.errors import ConfigError, DegenerateOutputError
 from erasekit.eval.canvas_metrics import MissingImageError, UnlearnCanvasMetric, unlearncanvas_scores
 
 from _eval_helpers import ColourJudge, PaintPipe, tiny_protocol
@@ -118,7 +118,7 @@ def test_evaluate_fails_on_a_non_finite_image_unless_counted(tmp_path):
 
     kw = dict(protocol=tiny_protocol(), judge=ColourJudge(), targets=["Cubism"], fid=False, clip=False,
               cache_dir=None, progress=False)
-    with pytest.raises(MissingImageError, match="not finite"):
+    with pytest.raises(DegenerateOutputError, match="not finite"):
         evaluate(PaintPipe(broken={1}), **kw)
     r = evaluate(PaintPipe(broken={1}), out_dir=tmp_path, **kw, on_missing="count")
     assert r.scores["missing"] == 4 and r.scores["n_images"] == 8  # seed 1 of each of the 4 cells

@@ -73,7 +73,7 @@ def _register_flip():
 
 
 def test_sequential_unlearning_reports_every_step_and_restores(tiny_sd1, tmp_path):
-    from erasekit.eval import sequential
+    from erasekit.workflows import sequential
 
     _register_flip()
     before = {k: v.clone() for k, v in tiny_sd1.text_encoder.state_dict().items()}
@@ -93,7 +93,7 @@ def test_sequential_continues_a_one_step_generator(tiny_sd1, monkeypatch):
     from dataclasses import dataclass
 
     from erasekit.erase.registry import MethodConfig, register
-    from erasekit.eval import sequential
+    from erasekit.workflows import sequential
     from erasekit.pipelines import Edit
 
     calls = []

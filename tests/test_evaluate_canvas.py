@@ -1,4 +1,4 @@
-"""The evaluation on canvas-mini (skipped until assets/canvas-mini exists): the unedited model's
+"""The evaluation on canvas-mini (skipped until erasekit/assets/canvas-mini exists): the unedited model's
 baseline scores with fixed seeds, and the cache of the original model's records."""
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ def test_short_text_pass_equals_open_clip_encode_text():
 def test_saved_canvas_clip_round_trips_in_float16(tmp_path):
     import json
 
-    from erasekit.canvas.clip import build_clip, load_canvas_clip, save_clip
+    from erasekit.canvas.clip import build_clip, save_clip
+    from erasekit.eval.clip_score import load_canvas_clip
 
     torch.manual_seed(2)
     model = build_clip().eval()
@@ -91,8 +92,8 @@ def test_saved_canvas_clip_round_trips_in_float16(tmp_path):
 
 
 def test_missing_canvas_clip_is_a_clear_error(tmp_path):
-    from erasekit.canvas.clip import load_canvas_clip
     from erasekit.errors import ConfigError
+    from erasekit.eval.clip_score import load_canvas_clip
 
     with pytest.raises(ConfigError, match="no canvas CLIP"):
         load_canvas_clip(tmp_path)

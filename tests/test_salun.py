@@ -38,29 +38,36 @@ def test_cycle_indices_visit_every_item_once_per_epoch_in_a_seeded_order():
     assert torch.equal(cycle_indices(10, 4, 3, seed=3), stream[12:16])
 
 
-def test_canvas_plan_maps_each_caption_to_the_next_label():
-    plan = make_plan(["Van_Gogh"], SalUnConfig())
+def _plan(concepts, config, pipe):
+    from erasekit.presets import concept_context
+
+    return make_plan(concepts, config, concept_context(pipe, concepts, config))
+
+
+def test_canvas_plan_maps_each_caption_to_the_next_label(canvas_pipe):
+    plan = _plan(["Van_Gogh"], SalUnConfig(), canvas_pipe)
     assert plan.preset == "canvas" and len(plan.forget_prompts) == 10 and len(plan.retain_prompts) == 90
     assert plan.pseudo_prompt("A Cats image in Van Gogh style.") == "A Cats image in Watercolor style."
     assert not any("Van Gogh" in p for p in plan.retain_prompts)
-    obj = make_plan(["Cats", "Butterfly"], SalUnConfig())  # the next label that is not itself a target
+    obj = _plan(["Cats", "Butterfly"], SalUnConfig(), canvas_pipe)  # the next label that is not itself a target
     assert obj.pseudo_prompt("A Butterfly image in Winter style.") == "A Fishes image in Winter style."
     assert len(obj.forget_prompts) == 20
 
 
-def test_canvas_preset_trains_cross_attention_with_an_lr_per_kind():
-    from erasekit.erase.salun import CANVAS_OBJECT_LR, PRESETS, _resolve
+def test_canvas_preset_trains_cross_attention_with_an_lr_per_kind(canvas_pipe):
+    from erasekit.canvas.presets import SALUN, SALUN_OBJECT_LR
+    from erasekit.erase.salun import _resolve
 
-    def resolved(concepts, **kw):
+    def resolved(concepts, pipe=canvas_pipe, **kw):
         config = SalUnConfig(**kw)
-        return _resolve(make_plan(concepts, config), config)
+        return _resolve(_plan(concepts, config, pipe), config)
 
-    assert resolved(["Van_Gogh"])["param_set"] == "xattn" and resolved(["Van_Gogh"])["lr"] == PRESETS["canvas"]["lr"]
-    assert resolved(["Cats", "Towers"])["lr"] == CANVAS_OBJECT_LR != PRESETS["canvas"]["lr"]
-    assert resolved(["Cats", "Van_Gogh"])["lr"] == PRESETS["canvas"]["lr"]   # mixed kinds: the style value
+    assert resolved(["Van_Gogh"])["param_set"] == "xattn" and resolved(["Van_Gogh"])["lr"] == SALUN["lr"]
+    assert resolved(["Cats", "Towers"])["lr"] == SALUN_OBJECT_LR != SALUN["lr"]
+    assert resolved(["Cats", "Van_Gogh"])["lr"] == SALUN["lr"]   # mixed kinds: the style value
     assert resolved(["Cats"], lr=2e-5, param_set="full") | {"preset": 0} == {
-        **PRESETS["canvas"], "lr": 2e-5, "param_set": "full", "preset": 0}
-    assert resolved(["nudity"])["param_set"] == "full"
+        **SALUN, "lr": 2e-5, "param_set": "full", "preset": 0}
+    assert resolved(["nudity"], None)["param_set"] == "full"
 
 
 def test_nudity_and_custom_plans():
@@ -78,6 +85,7 @@ def test_nudity_and_custom_plans():
 def test_unmasked_weights_stay_bitwise_even_with_adamw(tiny_pipe):
     before = _unet_state(tiny_pipe)
     options = dict(FAST, mask_ratio=0.3, optimizer="adamw", weight_decay=0.1, lr=1e-3)
+    options.update(pseudo="Monet", retain_prompts=["a tree", "a house"])   # not canvas-mini: the custom preset
     mask = saliency(tiny_pipe, ["Van Gogh"], SalUnConfig(**options))
     edit = erasekit.erase(tiny_pipe, "salun", ["Van Gogh"], **options)
     assert all(torch.equal(v, before[k]) for k, v in _unet_state(tiny_pipe).items())
@@ -129,7 +137,7 @@ def test_generated_sets_are_seeded(tiny_sd1):
 
 
 def test_resumed_salun_equals_the_uninterrupted_run(tiny_sd1, tmp_path):
-    opts = dict(FAST, steps=4)
+    opts = dict(FAST, steps=4, pseudo="Dogs", retain_prompts=["a tree", "a house"])
     full = erasekit.erase(tiny_sd1, "salun", ["Cats"], **opts)
     ck = dict(opts, checkpoint_dir=str(tmp_path), checkpoint_every=1)
     erasekit.erase(tiny_sd1, "salun", ["Cats"], **dict(ck, steps=2))

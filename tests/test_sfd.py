@@ -5,6 +5,7 @@ import torch
 
 import erasekit
 from erasekit.canvas.world import OBJECTS
+from erasekit.erase.engine import CHECKPOINT_NAME
 from erasekit.erase.sfd import SFDConfig, SFDTrainer, prompt_sets, sid_loss
 from erasekit.errors import ConfigError, EditError
 from erasekit.pipelines import Edit, FamilyAdapter, Sampling, generate, one_step_pipeline
@@ -33,26 +34,34 @@ def test_bad_options_name_the_field(options, field):
         SFDConfig(**options)
 
 
-def test_canvas_style_prompts():
-    sets = prompt_sets(["Van Gogh"], SFDConfig())
+def _canvas_sets(concepts, config, pipe):
+    from erasekit.presets import concept_context
+
+    return prompt_sets(concepts, config, concept_context(pipe, concepts, config))
+
+
+def test_canvas_style_prompts(canvas_pipe):
+    sets = _canvas_sets(["Van Gogh"], SFDConfig(), canvas_pipe)
     assert len(sets.forget) == 50 and len(sets.retain) == 450  # 10 objects x 5 templates; 9 other styles
     assert all("Van Gogh" in p for p in sets.forget) and not any("Van Gogh" in p for p in sets.retain)
     rng = torch.Generator().manual_seed(0)
     assert {sets.safe_prompt(0, rng) for _ in range(10)} == {sets.forget[0].replace("Van Gogh", "Watercolor")}
-    rand = prompt_sets(["Van Gogh"], SFDConfig(pseudo_label="rand"))
+    rand = _canvas_sets(["Van Gogh"], SFDConfig(pseudo_label="rand"), canvas_pipe)
     safe = [rand.safe_prompt(0, rng) for _ in range(30)]
     assert not any("Van Gogh" in s for s in safe) and len(set(safe)) > 3  # a random other style each time
     obj = sets.forget[0].split()[1]
     assert all(obj in s for s in safe)  # only the style is swapped
 
 
-def test_next_label_skips_forgotten_ones_and_wraps():
-    sets = prompt_sets(["Van_Gogh", "Watercolor", "Winter"], SFDConfig())
+def test_next_label_skips_forgotten_ones_and_wraps(canvas_pipe):
+    sets = _canvas_sets(["Van_Gogh", "Watercolor", "Winter"], SFDConfig(), canvas_pipe)
     rng = torch.Generator()
     picks = {sets.safe_prompt(i, rng) for i, p in enumerate(sets.forget) if p == "A Cats image in Winter style."}
     assert picks == {"A Cats image in Cubism style."}  # Winter -> (Cubism, wrapped round), not a forgotten one
     with pytest.raises(ConfigError, match="override"):
-        prompt_sets(list(OBJECTS), SFDConfig())
+        _canvas_sets(list(OBJECTS), SFDConfig(), canvas_pipe)
+    with pytest.raises(ConfigError, match="retain_prompts"):   # another model: no captions of its own
+        prompt_sets(["Van Gogh"], SFDConfig())
 
 
 def test_override_and_prompt_errors():
@@ -245,7 +254,7 @@ def test_stage1_inside_one_call_matches_generator_init(tiny_sd1, tmp_path):
     both = erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=1, **{**TINY, "distill_iterations": 2},
                           checkpoint_dir=str(ck))
     assert both.manifest["distill_iterations_run"] == 2 and both.manifest["iterations_run"] == 1
-    assert (ck / "stage1" / "sfd-state.safetensors").exists() and (ck / "stage2" / "sfd-state.safetensors").exists()
+    assert (ck / "stage1" / CHECKPOINT_NAME).exists() and (ck / "stage2" / CHECKPOINT_NAME).exists()
     plain = erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=2,
                            **{**TINY, "forget_batch_size": 0, "distill_iterations": 5})  # plain: no stage 1
     assert plain.manifest["distill_iterations_run"] is None and plain.manifest["iterations_run"] == 2

@@ -4,7 +4,7 @@ One entry point, :func:`attack`, runs any of the methods on a batch of prompts a
 :class:`~erasekit.attacks.result.AttackResult` (per-prompt adversarial prompt, success, step of
 success, UNet evaluations, wall time; pre-ASR and ASR, where ASR includes pre-ASR as in
 UnlearnDiffAtk). The prefix-token machinery that UnlearnDiffAtk shares with AdvUnlearn's inner
-attack is :class:`~erasekit.attacks.prefix.PrefixPrompts`.
+attack is :class:`~erasekit.pipelines.prefix.PrefixPrompts` (re-exported here).
 
 This package imports torch-heavy modules only when they are used.
 """
@@ -22,7 +22,8 @@ METHODS = {
     "random_prefix": ("baselines", "RandomPrefixConfig", "random_prefix", False),
 }
 _LAZY = {"AttackResult": "result", "PromptAttack": "result", "ASR_DEFINITION": "result",
-         "PrefixPrompts": "prefix", "attack_vocabulary": "prefix", "UnlearnDiffAttackConfig": "unlearndiffatk",
+         "PrefixPrompts": "erasekit.pipelines.prefix", "attack_vocabulary": "erasekit.pipelines.prefix",
+         "UnlearnDiffAttackConfig": "unlearndiffatk",
          "NoAttackConfig": "baselines", "SeedSearchConfig": "baselines", "RandomPrefixConfig": "baselines"}
 
 __all__ = ["attack", "get_attack", "METHODS", *_LAZY]
@@ -30,7 +31,8 @@ __all__ = ["attack", "get_attack", "METHODS", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        module = _LAZY[name]
+        return getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -58,15 +60,18 @@ def _check_prompts(prompts, seeds) -> tuple[list[str], list[int]]:
     return prompts, seeds
 
 
-def attack(pipe, prompts: list[str], concept: str, *, judge, method: str = "unlearndiffatk", seeds=None,
+def attack(pipe, prompts: list[str], concept=None, *, judge, method: str = "unlearndiffatk", seeds=None,
            edit=None, target_images=None, sampling=None, progress: bool = True, **options):
-    """Attack ``prompts`` so that ``judge`` sees ``concept`` in the images of ``pipe``.
+    """Attack ``prompts`` so that ``judge`` sees each prompt's concept in the images of ``pipe``.
 
     Args:
         pipe: a Stable Diffusion pipeline (SD 1.x/2.x, SDXL, or SFD's one-step pipeline). Without
             ``edit`` it is attacked as it is (an Edit may already be applied).
         prompts: prompts that should show the concept (one image per prompt and seed).
-        concept: a concept the judge knows (e.g. ``"Van_Gogh"``); checked before any work.
+        concept: the concept the judge must see (e.g. ``"Van_Gogh"``): one name for every prompt, a list
+            with one name per prompt (None entries are inferred), or None: inferred from ``edit``'s
+            concepts, the one the prompt names (see :mod:`erasekit.attacks.concepts`; an Edit of one
+            concept judges every prompt on it). Checked against the judge before any work.
         judge: the :class:`~erasekit.eval.judges.Judge` that decides success (``judge.hits``).
         method: ``unlearndiffatk`` (default), ``none`` (pre-ASR only), ``seed_search`` or ``random_prefix``.
         seeds: one image seed per prompt (default 0 for every prompt).
@@ -78,6 +83,11 @@ def attack(pipe, prompts: list[str], concept: str, *, judge, method: str = "unle
             with no ``edit``, by ``pipe`` as it is).
         sampling: :class:`~erasekit.Sampling` of the target and judged images (default DDIM 25, CFG 7.5).
         options: the method's config fields (e.g. ``k=3, schedule="reference"``).
+
+    Every generated batch is checked: a degenerate image (non-finite, or one flat colour) raises
+    :class:`~erasekit.errors.DegenerateOutputError`, so a broken model is never reported as held.
+    With ``edit`` and generated targets, one image of the edited model is made first, so a broken
+    Edit fails before the targets are made.
 
     Example:
         >>> import erasekit
@@ -91,17 +101,21 @@ def attack(pipe, prompts: list[str], concept: str, *, judge, method: str = "unle
     """
     from .._profile import measure
     from ..errors import ConfigError
-    from ..erase.registry import make_config
+    from ..config import make_config
     from ..pipelines.generation import Sampling, generate
+    from .concepts import prompt_concepts
     from .result import AttackResult
 
     config_cls, fn, needs_targets = get_attack(method)
     config = make_config(config_cls, options)
     prompts, seeds = _check_prompts(prompts, seeds)
-    judge.find(concept)  # a judge that does not know the concept fails here, before any work
+    concepts = prompt_concepts(prompts, concept, (edit.manifest.get("concepts") or []) if edit is not None else [])
+    found = [judge.find(name) for name in concepts]   # an unknown concept fails here, before any work
+    concepts = [judge.heads[head][j] for head, j in found]   # the judge's own spelling
+    heads = {name: head for name, (head, _) in zip(concepts, found)}
     sampling = sampling or Sampling()
     if getattr(config, "k", None):
-        from .prefix import PrefixPrompts
+        from ..pipelines.prefix import PrefixPrompts
 
         PrefixPrompts(pipe, prompts, config.k)  # refuses prompts that do not fit, before any work
     if edit is not None and id(pipe) in getattr(edit, "_backups", {}):
@@ -115,20 +129,24 @@ def attack(pipe, prompts: list[str], concept: str, *, judge, method: str = "unle
                 raise ConfigError(f"target_images must hold one image per prompt ({len(prompts)}) but holds "
                                   f"{len(targets)}")
         else:
+            if edit is not None:   # one image of the edited model: a broken Edit fails before the targets
+                with edit.sampled(pipe) as probed:
+                    generate(probed, prompts[:1], seeds[:1], sampling)
             targets = generate(pipe, prompts, seeds, sampling, progress=progress)
             target_source = "original model, same prompt and seed" if edit is not None else \
                 "the pipeline as given (no edit passed), same prompt and seed"
     with (edit.sampled(pipe) if edit is not None else nullcontext(pipe)) as attacked, \
             measure(pipe.unet.device) as usage:   # a one-step (SFD) Edit is attacked through its own pipeline
-        rows = fn(attacked, prompts, seeds, concept, judge=judge, sampling=sampling, config=config, targets=targets,
+        rows = fn(attacked, prompts, seeds, concepts, judge=judge, sampling=sampling, config=config, targets=targets,
                   progress=progress)
-    protocol = {"sampling": sampling.to_dict(), "judge": judge.describe(), "concept_head": judge.find(concept)[0],
+    protocol = {"sampling": sampling.to_dict(), "judge": judge.describe(), "concept_heads": heads,
                 "targets": target_source, "edit": None if edit is None else _edit_summary(edit),
                 "wall_time_s": round(usage.wall_time_s, 4), "peak_memory_bytes": usage.peak_memory_bytes,
                 "memory_kind": usage.memory_kind, "dtype": str(pipe.unet.dtype).replace("torch.", "")}
     if hasattr(config, "plan"):   # the schedule with every None resolved
         protocol["schedule"] = config.plan()
-    return AttackResult(str(method).lower().strip(), concept, rows, {"method": method, **config.to_dict()}, protocol)
+    return AttackResult(str(method).lower().strip(), ", ".join(heads), rows, {"method": method, **config.to_dict()},
+                        protocol)
 
 
 def _edit_summary(edit) -> dict:

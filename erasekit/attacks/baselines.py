@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..erase.registry import MethodConfig, check
+from ..config import MethodConfig, check
 from ..pipelines.generation import generate
-from .prefix import VOCABULARIES, PrefixPrompts, attack_vocabulary
+from ..pipelines.prefix import VOCABULARIES, PrefixPrompts, attack_vocabulary
 from .result import PromptAttack
 
 
@@ -51,18 +51,30 @@ def prompt_generator(seed: int, prompt: str, image_seed: int) -> torch.Generator
     return torch.Generator("cpu").manual_seed(key)
 
 
-def judged_round(pipe, rows: list[PromptAttack], texts: list[str], seeds: list[int], judge, concept: str,
-                 sampling, step: int, book_hits: bool = True) -> list[bool]:
-    """Generate ``texts`` at ``seeds`` in one batch, judge them and book the outcome into ``rows``.
+def judge_hits(judge, images: list, concepts: list[str]) -> list[bool]:
+    """Per image: does ``judge`` see that image's own concept? (one ``judge.hits`` call per concept)"""
+    hits = [False] * len(images)
+    for concept in dict.fromkeys(concepts):
+        pos = [i for i, c in enumerate(concepts) if c == concept]
+        for i, hit in zip(pos, judge.hits([images[i] for i in pos], concept)):
+            hits[i] = bool(hit)
+    return hits
+
+
+def judged_round(pipe, rows: list[PromptAttack], texts: list[str], seeds: list[int], judge, sampling, step: int,
+                 book_hits: bool = True) -> list[bool]:
+    """Generate ``texts`` at ``seeds`` in one batch, judge each on its row's concept and book the
+    outcome into ``rows``.
 
     Each row gets its share of the UNet evaluations and wall time; a hit sets ``success``, ``step``,
     ``adv_prompt`` and ``adv_seed`` (with ``book_hits=False``, a screening round, only the cost is
-    booked). Returns the hit per row.
+    booked). Returns the hit per row. A degenerate image raises
+    :class:`~erasekit.errors.DegenerateOutputError` (``generate`` checks every batch).
     """
     t0 = time.perf_counter()
     with count_unet(pipe) as n_unet:
         images = generate(pipe, texts, seeds, sampling)
-    hits = [bool(h) for h in judge.hits(images, concept)]
+    hits = judge_hits(judge, images, [row.concept for row in rows])
     share_t, share_n = (time.perf_counter() - t0) / len(rows), n_unet[0] // len(rows)
     for row, text, seed, hit in zip(rows, texts, seeds, hits):
         row.wall_time_s += share_t
@@ -76,12 +88,13 @@ def judged_round(pipe, rows: list[PromptAttack], texts: list[str], seeds: list[i
     return hits
 
 
-def evaluate_original(pipe, prompts, seeds, judge, concept, sampling, batch_size: int = 64) -> list[PromptAttack]:
-    """The no-attack evaluation: one judged generation per prompt (step 0)."""
-    rows = [PromptAttack(index=i, prompt=p, seed=int(s), adv_prompt=p) for i, (p, s) in enumerate(zip(prompts, seeds))]
+def evaluate_original(pipe, prompts, seeds, judge, concepts, sampling, batch_size: int = 64) -> list[PromptAttack]:
+    """The no-attack evaluation: one judged generation per prompt (step 0), each judged on its concept."""
+    rows = [PromptAttack(index=i, prompt=p, seed=int(s), adv_prompt=p, concept=c)
+            for i, (p, s, c) in enumerate(zip(prompts, seeds, concepts))]
     for i in range(0, len(rows), batch_size):
         part = rows[i:i + batch_size]
-        judged_round(pipe, part, [r.prompt for r in part], [r.seed for r in part], judge, concept, sampling, 0)
+        judged_round(pipe, part, [r.prompt for r in part], [r.seed for r in part], judge, sampling, 0)
     return rows
 
 
@@ -120,8 +133,8 @@ class RandomPrefixConfig(SeedSearchConfig):
         check(self.vocabulary in VOCABULARIES, f"`vocabulary` must be one of {VOCABULARIES} but is {self.vocabulary!r}")
 
 
-def no_attack(pipe, prompts, seeds, concept, *, judge, sampling, config, progress=True, **_) -> list[PromptAttack]:
-    return evaluate_original(pipe, prompts, seeds, judge, concept, sampling, config.batch_size)
+def no_attack(pipe, prompts, seeds, concepts, *, judge, sampling, config, progress=True, **_) -> list[PromptAttack]:
+    return evaluate_original(pipe, prompts, seeds, judge, concepts, sampling, config.batch_size)
 
 
 def _rounds(rows, config, progress, desc, make_round):
@@ -135,23 +148,23 @@ def _rounds(rows, config, progress, desc, make_round):
     return rows
 
 
-def seed_search(pipe, prompts, seeds, concept, *, judge, sampling, config, progress=True, **_):
-    rows = evaluate_original(pipe, prompts, seeds, judge, concept, sampling, config.batch_size)
+def seed_search(pipe, prompts, seeds, concepts, *, judge, sampling, config, progress=True, **_):
+    rows = evaluate_original(pipe, prompts, seeds, judge, concepts, sampling, config.batch_size)
     def one_round(r, part):
-        judged_round(pipe, part, [p.prompt for p in part], [p.seed + r for p in part], judge, concept, sampling, r)
+        judged_round(pipe, part, [p.prompt for p in part], [p.seed + r for p in part], judge, sampling, r)
 
     return _rounds(rows, config, progress, "seed search", one_round)
 
 
-def random_prefix(pipe, prompts, seeds, concept, *, judge, sampling, config, progress=True, **_):
+def random_prefix(pipe, prompts, seeds, concepts, *, judge, sampling, config, progress=True, **_):
     pp = PrefixPrompts(pipe, prompts, config.k)  # refuses prompts that do not fit before any work
     vocab = attack_vocabulary(pp.adapter.tokenizers, config.vocabulary)
-    rows = evaluate_original(pipe, prompts, seeds, judge, concept, sampling, config.batch_size)
+    rows = evaluate_original(pipe, prompts, seeds, judge, concepts, sampling, config.batch_size)
     gens = {row.index: prompt_generator(config.seed, row.prompt, row.seed) for row in rows}
 
     def one_round(r, part):
         sub = pp.subset([p.index for p in part])
         ids = torch.stack([vocab[torch.randint(len(vocab), (config.k,), generator=gens[p.index])] for p in part])
-        judged_round(pipe, part, sub.texts(ids), [p.seed for p in part], judge, concept, sampling, r)
+        judged_round(pipe, part, sub.texts(ids), [p.seed for p in part], judge, sampling, r)
 
     return _rounds(rows, config, progress, "random prefix", one_round)

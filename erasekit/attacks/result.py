@@ -29,7 +29,8 @@ _CSV_SAMPLING = ("sampler", "steps", "guidance")
 class PromptAttack:
     """The attack on one prompt.
 
-    ``seed``: the prompt's own seed. ``step``: attack step at which the concept appeared (0 = the
+    ``seed``: the prompt's own seed. ``concept``: the concept the judge looked for in this prompt's
+    images. ``step``: attack step at which the concept appeared (0 = the
     original prompt; gradient steps for UnlearnDiffAtk, rounds for the baselines), None on failure.
     ``adv_prompt``/``adv_seed``: the evaluated prompt and seed of the success, or of the last attempt
     (replay them to see the image the judge saw). ``unet_evals``: UNet forward
@@ -49,6 +50,7 @@ class PromptAttack:
     unet_evals: int = 0
     grad_steps: int = 0
     wall_time_s: float = 0.0
+    concept: str = ""
 
     def __post_init__(self):
         if self.adv_seed is None:
@@ -62,7 +64,11 @@ class PromptAttack:
 
 @dataclass
 class AttackResult:
-    """Per-prompt outcomes of one attack run plus its protocol (printable, JSON/CSV round trip)."""
+    """Per-prompt outcomes of one attack run plus its protocol (printable, JSON/CSV round trip).
+
+    ``concept`` names the concepts judged (``"Van_Gogh"``, or ``"Van_Gogh, Cubism"`` when the prompts
+    carry different ones; each row has its own); with several, the summary also holds ``per_concept``.
+    """
 
     method: str
     concept: str
@@ -85,9 +91,14 @@ class AttackResult:
         """Percent of prompts that show the concept without or with attack (includes pre-ASR)."""
         return 100.0 * sum(p.success for p in self.prompts) / max(self.n, 1)
 
+    @property
+    def concepts(self) -> list[str]:
+        """The concepts judged, in the order the prompts first carry them."""
+        return list(dict.fromkeys(p.concept or self.concept for p in self.prompts)) or [self.concept]
+
     def summary(self) -> dict:
         n = max(self.n, 1)
-        return {
+        out = {
             "method": self.method, "concept": self.concept, "n": self.n,
             "pre_asr": round(self.pre_asr, 4), "asr": round(self.asr, 4), "asr_definition": ASR_DEFINITION,
             "mean_unet_evals": sum(p.unet_evals for p in self.prompts) / n,
@@ -95,13 +106,23 @@ class AttackResult:
             "mean_cost_unet_equiv": sum(p.cost for p in self.prompts) / n,
             "mean_wall_time_s": sum(p.wall_time_s for p in self.prompts) / n,
         }
+        if len(self.concepts) > 1:
+            out["per_concept"] = {}
+            for c in self.concepts:
+                rows = [p for p in self.prompts if (p.concept or self.concept) == c]
+                out["per_concept"][c] = {"n": len(rows),
+                                         "pre_asr": round(100.0 * sum(p.pre_success for p in rows) / len(rows), 4),
+                                         "asr": round(100.0 * sum(p.success for p in rows) / len(rows), 4)}
+        return out
 
     def __str__(self) -> str:
         s = self.summary()
+        per = "".join(f"\n  {c}: N={v['n']}  pre-ASR {v['pre_asr']:.1f}%  ASR {v['asr']:.1f}%"
+                      for c, v in s.get("per_concept", {}).items())
         return (f"{self.method} on {self.concept!r}: N={s['n']}  pre-ASR {s['pre_asr']:.1f}%  ASR {s['asr']:.1f}%  "
                 f"mean cost {s['mean_cost_unet_equiv']:.0f} UNet-forward equivalents "
                 f"({s['mean_unet_evals']:.0f} forwards, {s['mean_grad_steps']:.0f} backwards), "
-                f"{s['mean_wall_time_s']:.2f} s/prompt\n{ASR_DEFINITION}")
+                f"{s['mean_wall_time_s']:.2f} s/prompt{per}\n{ASR_DEFINITION}")
 
     # -- files ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -111,12 +132,13 @@ class AttackResult:
 
     def to_csv(self) -> str:
         sampling = self.protocol.get("sampling", {})
-        names = ["method", "concept"] + [f.name for f in fields(PromptAttack)] + list(_CSV_SAMPLING)
+        names = ["method", "concept"] + [f.name for f in fields(PromptAttack) if f.name != "concept"] + \
+            list(_CSV_SAMPLING)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
         w.writeheader()
         for p in self.prompts:
-            w.writerow({"method": self.method, "concept": self.concept, **asdict(p),
+            w.writerow({"method": self.method, **asdict(p), "concept": p.concept or self.concept,
                         **{k: sampling.get(k, "") for k in _CSV_SAMPLING}})
         return buf.getvalue()
 
@@ -160,8 +182,8 @@ class AttackResult:
         if first.get("sampler"):
             sampling = {"sampler": first["sampler"], "steps": int(first["steps"]),
                         "guidance": float(first["guidance"])}
-        return cls(first.get("method", "unknown"), first.get("concept", "unknown"), prompts, {},
-                   {"sampling": sampling, "source": str(path)})
+        concept = ", ".join(dict.fromkeys(p.concept for p in prompts)) or "unknown"
+        return cls(first.get("method", "unknown"), concept, prompts, {}, {"sampling": sampling, "source": str(path)})
 
 
 def _parse(value: str, kind: str):

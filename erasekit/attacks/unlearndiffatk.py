@@ -54,9 +54,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..erase.registry import MethodConfig, check
+from ..config import MethodConfig, check
+from ..pipelines.prefix import VOCABULARIES, PrefixPrompts, attack_vocabulary
 from .baselines import evaluate_original, judged_round, prompt_generator
-from .prefix import VOCABULARIES, PrefixPrompts, attack_vocabulary
 from .result import PromptAttack
 
 SCHEDULES = {
@@ -155,7 +155,7 @@ def project_simplex(u: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
 
 def target_latents(pipe, images) -> torch.Tensor:
     """z_tgt: VAE posterior mean x scaling factor of the target images, at the model's native size."""
-    from ..eval.judges import images_to_tensor
+    from ..pipelines.images import images_to_tensor
 
     vae = pipe.vae
     scale = getattr(pipe, "vae_scale_factor", 2 ** (len(vae.config.block_out_channels) - 1))
@@ -246,20 +246,20 @@ def block_lengths(plan: dict) -> list[int]:
     return [max(1, round(plan["steps_per_block"] * plan["block_growth"] ** b)) for b in range(plan["blocks"])]
 
 
-def _run_batch(pipe, state: _BatchAttack, judge, concept, sampling, progress) -> None:
+def _run_batch(pipe, state: _BatchAttack, judge, sampling, progress) -> None:
     """Runs of blocks of Adam steps, each block followed by one judged generation of the still-unbroken prompts."""
     lengths, n_step, restarts = block_lengths(state.plan), 0, state.plan["restarts"]
     bar = tqdm(total=sum(lengths) * restarts, desc="unlearndiffatk steps", disable=not progress, leave=False)
     for run in range(restarts):
         if run:
             state.restart()
-        n_step = _run_blocks(pipe, state, lengths, n_step, judge, concept, sampling, bar)
+        n_step = _run_blocks(pipe, state, lengths, n_step, judge, sampling, bar)
         if not state.active:
             break
     bar.close()
 
 
-def _run_blocks(pipe, state: _BatchAttack, lengths: list[int], n_step: int, judge, concept, sampling, bar) -> int:
+def _run_blocks(pipe, state: _BatchAttack, lengths: list[int], n_step: int, judge, sampling, bar) -> int:
     """One run of the blocks from the current u; returns the steps taken so far (all runs)."""
     for block, n in enumerate(lengths):
         t0 = time.perf_counter()
@@ -273,7 +273,7 @@ def _run_blocks(pipe, state: _BatchAttack, lengths: list[int], n_step: int, judg
             row.grad_steps += n
             row.wall_time_s += share
         rows = [state.rows[i] for i in state.active]
-        _judge_block(pipe, rows, state.prompts_now(), judge, concept, sampling, state.plan["screen_steps"], n_step)
+        _judge_block(pipe, rows, state.prompts_now(), judge, sampling, state.plan["screen_steps"], n_step)
         for r in rows:
             r.rounds += 1
         state.drop_successes()
@@ -284,7 +284,7 @@ def _run_blocks(pipe, state: _BatchAttack, lengths: list[int], n_step: int, judg
     return n_step
 
 
-def _judge_block(pipe, rows, texts, judge, concept, sampling, screen_steps, n_step) -> None:
+def _judge_block(pipe, rows, texts, judge, sampling, screen_steps, n_step) -> None:
     """The judged generation after a block: the full sampler, or a cheap screen whose hits are confirmed by it.
 
     A success is only ever booked from the full ``sampling`` generation, so screening can miss a
@@ -292,27 +292,28 @@ def _judge_block(pipe, rows, texts, judge, concept, sampling, screen_steps, n_st
     """
     seeds = [r.seed for r in rows]
     if not screen_steps or screen_steps >= sampling.steps:
-        judged_round(pipe, rows, texts, seeds, judge, concept, sampling, n_step)
+        judged_round(pipe, rows, texts, seeds, judge, sampling, n_step)
         return
     screen = dataclasses.replace(sampling, steps=screen_steps)
-    hits = judged_round(pipe, rows, texts, seeds, judge, concept, screen, n_step, book_hits=False)
+    hits = judged_round(pipe, rows, texts, seeds, judge, screen, n_step, book_hits=False)
     pick = [i for i, hit in enumerate(hits) if hit]
     if pick:
         judged_round(pipe, [rows[i] for i in pick], [texts[i] for i in pick], [seeds[i] for i in pick], judge,
-                     concept, sampling, n_step)
+                     sampling, n_step)
 
 
-def unlearndiffatk(pipe, prompts, seeds, concept, *, judge, sampling, config: UnlearnDiffAttackConfig,
+def unlearndiffatk(pipe, prompts, seeds, concepts, *, judge, sampling, config: UnlearnDiffAttackConfig,
                    targets, progress=True, **_) -> list[PromptAttack]:
-    """Attack every prompt (see the module docstring); ``targets``: one image per prompt."""
+    """Attack every prompt (see the module docstring); ``concepts``: the one each prompt is judged on;
+    ``targets``: one image per prompt."""
     plan = config.plan()
     pp = PrefixPrompts(pipe, prompts, config.k)
     vocab = attack_vocabulary(pp.adapter.tokenizers, config.vocabulary)
     z0 = target_latents(pipe, targets)
-    rows = evaluate_original(pipe, prompts, seeds, judge, concept, sampling, max(config.batch_size, 64))
+    rows = evaluate_original(pipe, prompts, seeds, judge, concepts, sampling, max(config.batch_size, 64))
     todo = [r.index for r in rows if not r.success]
     batches = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     for part in tqdm(batches, desc="prompt batches", disable=not progress or len(batches) < 2):
         state = _BatchAttack(pipe, pp.subset(part), z0[part], [rows[i] for i in part], vocab, config, plan)
-        _run_batch(pipe, state, judge, concept, sampling, progress)
+        _run_batch(pipe, state, judge, sampling, progress)
     return rows

@@ -21,30 +21,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .judge import load_judge_net
 from .world import OBJECTS, STYLES, caption
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
-
-def judge_heldout(judge_dir: Path = ASSETS / "canvas-judge", per_cell: int = 20) -> dict:
-    from ..eval.judges import CanvasJudge
+def judge_heldout(judge_dir: Path | None = None, per_cell: int = 20) -> dict:
     from .data import build
     from .judge import accuracy_by_cell
 
     data = build(per_cell, heldout=True)
-    judge = CanvasJudge.load(judge_dir)
-    acc = accuracy_by_cell(judge.net, data.images, data.objects, data.styles)
+    net, _ = load_judge_net(judge_dir)
+    acc = accuracy_by_cell(net, data.images, data.objects, data.styles)
     return {"n_images": len(data), "style": acc["style"], "object": acc["object"],
             "min_cell_style": acc["min_cell_style"], "min_cell_object": acc["min_cell_object"]}
 
 
-def generation_accuracy(pipe_path: str = "canvas-mini", judge_dir: Path = ASSETS / "canvas-judge",
+def _classify(net, images, image_size: int) -> dict[str, np.ndarray]:
+    """Top-1 style and object of each image, as the evaluation's canvas judge decides them."""
+    from ..pipelines.images import images_to_tensor
+
+    with torch.no_grad():
+        style, obj = net(images_to_tensor(images, image_size))
+    return {"style": style.argmax(1).numpy(), "object": obj.argmax(1).numpy()}
+
+
+def generation_accuracy(pipe_path: str = "canvas-mini", judge_dir: Path | None = None,
                         seeds: int = 5, steps: int = 25, guidance: float = 7.5) -> dict:
-    from ..eval.judges import CanvasJudge
     from ..pipelines import Sampling, generate, load_pipeline
 
     pipe = load_pipeline(pipe_path)
-    judge = CanvasJudge.load(judge_dir)
+    net, cfg = load_judge_net(judge_dir)
     cells = [(o, s) for o in range(len(OBJECTS)) for s in range(len(STYLES))]
     prompts = [caption(OBJECTS[o], STYLES[s]) for o, s in cells]
     sampling = Sampling(sampler="ddim", steps=steps, guidance=guidance, batch_size=100)
@@ -54,7 +60,7 @@ def generation_accuracy(pipe_path: str = "canvas-mini", judge_dir: Path = ASSETS
     all_prompts = [p for p in prompts for _ in range(seeds)]
     all_seeds = [k for _ in prompts for k in range(seeds)]
     images = generate(pipe, all_prompts, all_seeds, sampling, progress=True)
-    pred = judge.classify(images)
+    pred = _classify(net, images, cfg.get("image_size", 32))
     obj = np.repeat([o for o, _ in cells], seeds)
     sty = np.repeat([s for _, s in cells], seeds)
     ok_s, ok_o = pred["style"] == sty, pred["object"] == obj
@@ -68,9 +74,11 @@ def generation_accuracy(pipe_path: str = "canvas-mini", judge_dir: Path = ASSETS
             "torch_threads": torch.get_num_threads()}
 
 
-def asset_sizes(root: Path = ASSETS) -> dict:
-    sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-             for d in sorted(root.iterdir()) if d.is_dir()}
+def asset_sizes() -> dict:
+    from .._assets import ASSETS, asset_path
+
+    folders = [asset_path(name, must_exist=False) for name in ASSETS]
+    sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in folders if d.is_dir()}
     return {"per_asset_bytes": sizes, "total_bytes": sum(sizes.values())}
 
 
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m erasekit.canvas.check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", default="canvas-mini", help="canvas-mini or a pipeline directory")
-    p.add_argument("--judge", type=Path, default=ASSETS / "canvas-judge")
+    p.add_argument("--judge", type=Path, default=None, help="judge folder (default: the shipped one)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--skip-generation", action="store_true")
@@ -89,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         gen = generation_accuracy(a.pipeline, a.judge, a.seeds)
         out["generation"] = gen
         print(json.dumps({k: v for k, v in gen.items() if k != "per_cell"}, indent=1), flush=True)
-    if ASSETS.exists():
-        out["assets"] = asset_sizes()
+    out["assets"] = asset_sizes()
+    if out["assets"]["per_asset_bytes"]:
         print(json.dumps(out["assets"], indent=1))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

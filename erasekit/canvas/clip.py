@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 ARCH = dict(
     embed_dim=64,
     vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
@@ -159,22 +158,21 @@ def save_clip(model, out: Path, info: dict) -> Path:
     return out
 
 
-def load_canvas_clip(path: str | Path = ASSETS / "canvas-clip"):
-    """Load the canvas CLIP as a :class:`erasekit.eval.clip_score.ClipEncoder` (float32, eval mode)."""
-    import open_clip
+def load_clip(path: str | Path | None = None) -> tuple[torch.nn.Module, dict, Path]:
+    """The canvas CLIP (float32, eval mode), its ``config.json`` and its folder: the shipped one
+    (``erasekit/assets/canvas-clip``) unless ``path`` names a trained one. The evaluation wraps it
+    as a ClipEncoder (:func:`erasekit.eval.clip_score.load_canvas_clip`)."""
     from safetensors.torch import load_file
 
+    from .._assets import asset_path
     from ..errors import ConfigError
-    from ..eval.clip_score import ClipEncoder
 
-    path = Path(path)
+    path = Path(path) if path is not None else asset_path("canvas-clip", must_exist=False)
     if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
-        raise ConfigError(f"no canvas CLIP at {path} (model.safetensors + config.json): it ships in "
-                          "assets/canvas-clip of a full checkout, or train one with "
+        raise ConfigError(f"no canvas CLIP at {path} (model.safetensors + config.json): it ships inside "
+                          "erasekit (erasekit/assets/canvas-clip), or train one with "
                           "`python -m erasekit.canvas.train clip --run RUN`")
     cfg = json.loads((path / "config.json").read_text())
     model = build_clip({k: cfg[k] for k in ("embed_dim", "vision_cfg", "text_cfg")})
     model.load_state_dict({k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()})
-    return ClipEncoder(model.eval(), open_clip.tokenize, image_size=cfg["vision_cfg"]["image_size"],
-                       mean=tuple(cfg["image_mean"]), std=tuple(cfg["image_std"]), name="canvas-clip",
-                       source=str(path))
+    return model.eval(), cfg, path

@@ -32,6 +32,9 @@ TEXT_ENCODER = dict(
     vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM,
     num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
     bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=TEXT_DIM,
+    # canvas-mini's identity: kept by transformers in the saved config, it selects canvas-mini's
+    # presets (erasekit.presets) however the pipeline is loaded.
+    erasekit_world="canvas-mini",
 )
 
 # Stable Diffusion's noise schedule and its DDIM settings.

@@ -40,6 +40,25 @@ class CanvasJudgeNet(nn.Module):
         return self.style_head(h), self.object_head(h)
 
 
+def load_judge_net(path: str | Path | None = None) -> tuple[CanvasJudgeNet, dict]:
+    """The judge network in eval mode and its ``config.json`` (labels, image size); the shipped
+    judge (``erasekit/assets/canvas-judge``) unless ``path`` names a trained one."""
+    from safetensors.torch import load_file
+
+    from .._assets import asset_path
+    from ..errors import ConfigError
+
+    path = Path(path) if path is not None else asset_path("canvas-judge", must_exist=False)
+    if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
+        raise ConfigError(f"no canvas judge at {path} (model.safetensors + config.json): it ships inside "
+                          "erasekit (erasekit/assets/canvas-judge), or train one with "
+                          "`python -m erasekit.canvas.train judge --run RUN`")
+    cfg = json.loads((path / "config.json").read_text())
+    net = CanvasJudgeNet(len(cfg["styles"]), len(cfg["objects"]))
+    net.load_state_dict(load_file(str(path / "model.safetensors")))
+    return net.eval(), cfg
+
+
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     n = x.shape[0]
     # colour: per-image brightness/contrast jitter

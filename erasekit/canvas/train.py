@@ -26,7 +26,6 @@ from .._io import load_optimizer_tensors, load_tensors, optimizer_tensors, save_
 from . import configs as C
 from .data import CanvasSet, load_or_build
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -25,13 +25,29 @@ def _load_pipe(args, out: Output, edit_manifest: dict | None = None):
         return load_pipeline(model, dtype=args.dtype, device=resolve_device(args.device)), model
 
 
-def _load_edit(path: str | None):
-    """Read and validate an Edit file before any model is loaded (a missing file fails fast)."""
+def _load_edit(path: str | None, unsafe_skip_base_check: bool = False):
+    """Read and validate an Edit file before any model is loaded, so a bad file fails fast (exit 2).
+
+    The method the file names is looked up first, so the components it declares are enforced.
+    """
     if path is None:
         return None
+    from ..erase.registry import _MODULES, get_method
+    from ..errors import EditError
     from ..pipelines.edit import Edit
 
-    return Edit.load(path)
+    edit = Edit.load(path, unsafe_skip_base_check=unsafe_skip_base_check)
+    method = edit.manifest.get("method")
+    if isinstance(method, str) and method.lower() in _MODULES:
+        try:
+            get_method(method)   # importing the method declares its components
+        except ImportError:      # its optional dependencies are missing: it declares nothing here
+            pass
+        try:
+            edit.validate()
+        except EditError as e:
+            raise EditError(f"{path}: {e}") from None
+    return edit
 
 
 def _mib(n: int) -> str:
@@ -48,8 +64,7 @@ def cmd_erase(args, out: Output) -> int:
         options.setdefault("progress", out.progress)
     config = make_config(config_cls, options)
     path = Path(args.out or f"{args.method}-{'_'.join(c.replace(' ', '_') for c in concepts)}.safetensors")
-    if path.exists() and not args.overwrite:
-        raise ConfigError(f"{path} already exists: choose another --out or pass --overwrite")
+    _check_outputs([path], args.overwrite)  # before the model is loaded and trained
     pipe, model = _load_pipe(args, out)
     out.info(f"erasing {', '.join(concepts)} with {args.method} ...")
     edit = erase(pipe, args.method, concepts, config=config)
@@ -59,56 +74,130 @@ def cmd_erase(args, out: Output) -> int:
     data = {"edit": str(path), "method": m["method"], "concepts": m["concepts"], "base_model": model,
             "tensors": len(edit.keys), "low_rank": len(edit.deltas), "bytes": edit.nbytes(),
             "wall_time_s": m.get("wall_time_s"), "peak_memory_bytes": m.get("peak_memory_bytes"),
-            "config": m.get("config")}
+            "config": m.get("config"), "kind": m.get("kind"), "preset": m.get("preset")}
+    preset = m.get("preset") or {}
     out.result(data, [
         f"erased {', '.join(concepts)} from {model} with {m['method']} in {m.get('wall_time_s', 0):.1f} s",
+        f"  kind {m.get('kind')} ({'guessed; set -o kind=... to choose' if m.get('kind_guessed') else 'given'}), "
+        f"preset {preset.get('provider')}/{preset.get('name')} (every value in the Edit's manifest)",
         f"  changed {len(edit.keys)} tensors ({len(edit.deltas)} stored as exact low-rank factors), "
         f"{_mib(edit.nbytes())}; peak memory {_mib(m.get('peak_memory_bytes') or 0)}",
         f"  wrote {path}", f"  next: erasekit attack --edit {path}   or   erasekit eval --edit {path}"])
     return EXIT_OK
 
 
-def _prompts(args) -> list[str]:
+N_DEFAULT_PROMPTS = 4  # canvas captions per concept attacked when no prompt is given
+
+
+def _check_outputs(paths: list[Path], overwrite: bool) -> None:
+    """Before any work: refuse to replace existing results without --overwrite, and probe that each
+    file can be written (its files are then replaced atomically, a failed write leaving the old one)."""
+    from .._io import check_writable
+
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{existing[0]} already exists: pass --overwrite to replace it, or choose another --out")
+    for path in paths:
+        check_writable(path)
+
+
+def _prompts(args) -> tuple[list[str], list[str | None]]:
+    """The prompts of --prompt and --prompts-file, and the concept each line of the file gives
+    (``CONCEPT<TAB>PROMPT``), None where none is given."""
     prompts = list(args.prompt or [])
+    concepts: list[str | None] = [None] * len(prompts)
     if args.prompts_file:
         f = Path(args.prompts_file)
         if not f.is_file():
-            raise ConfigError(f"--prompts-file {f} does not exist: give a text file with one prompt per line")
-        prompts += [line.strip() for line in f.read_text().splitlines() if line.strip()]
-    return prompts
+            raise ConfigError(f"--prompts-file {f} does not exist: give a text file with one prompt per line "
+                              "(or 'CONCEPT<TAB>PROMPT' per line)")
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--prompts-file {f} cannot be read as UTF-8 text ({type(e).__name__}): give a text "
+                              "file with one prompt per line") from None
+        for line in text.splitlines():
+            concept, tab, prompt = line.partition("\t")
+            if not line.strip():
+                continue
+            if tab and not (concept.strip() and prompt.strip()):
+                raise ConfigError(f"--prompts-file line {line!r} has a tab but not 'CONCEPT<TAB>PROMPT': give both")
+            prompts.append((prompt if tab else line).strip())
+            concepts.append(concept.strip() if tab else None)
+    return prompts, concepts
 
 
-def _concept(args, edit) -> str:
-    concept = args.concept if args.concept is not None else (
-        (edit.manifest.get("concepts") or [None])[0] if edit is not None else None)
-    if concept is None or not str(concept).strip():
-        raise ConfigError("no concept to attack: pass --concept NAME (e.g. --concept Van_Gogh)")
-    return str(concept).strip()
+def _default_prompts(args, edit) -> tuple[list[str], list[str]]:
+    """Canvas captions of each concept (--concept, else the Edit's) when no prompt is given."""
+    from ..canvas.world import OBJECTS, STYLES, caption, check_label
+
+    names = list(args.concept or []) or list((edit.manifest.get("concepts") or []) if edit is not None else [])
+    how = "pass --prompt TEXT (repeatable) or --prompts-file FILE"
+    if not names:
+        raise ConfigError(f"no prompts to attack: {how}")
+    prompts, concepts = [], []
+    for name in names:
+        found = None
+        for labels, kind in ((STYLES, "style"), (OBJECTS, "object")):
+            try:
+                found = kind, labels[check_label(name, labels, kind)]
+                break
+            except ValueError:
+                continue
+        if found is None or args.judge != "canvas":
+            raise ConfigError(f"no prompts to attack: {how} (default prompts exist only for canvas-mini's styles and "
+                              f"objects with --judge canvas, and {name!r} is not one of them)")
+        kind, label = found
+        made = [caption(o, label) for o in OBJECTS[:N_DEFAULT_PROMPTS]] if kind == "style" else \
+            [caption(label, s) for s in STYLES[:N_DEFAULT_PROMPTS]]
+        prompts += made
+        concepts += [label] * len(made)
+    return prompts, concepts
+
+
+def _attack_concepts(args, prompts: list[str], from_file: list[str | None]) -> list[str | None]:
+    """Each prompt's concept: its file line's, else --concept (once for all, or once per prompt),
+    else None (the attack infers it from the Edit's concepts)."""
+    given = [c.strip() for c in (args.concept or [])]
+    if len(given) not in (0, 1, len(prompts)):
+        raise ConfigError(f"--concept is given {len(given)} times for {len(prompts)} prompts: give it once for every "
+                          "prompt, or once per prompt in order")
+    default = given if len(given) == len(prompts) and len(given) > 1 else given[:1] * len(prompts)
+    return [f or (default[i] if default else None) for i, f in enumerate(from_file)]
 
 
 def cmd_attack(args, out: Output) -> int:
-    edit = _load_edit(args.edit)
-    concept = _concept(args, edit)
-    prompts = _prompts(args)
-    if not prompts:
-        raise ConfigError("no prompts to attack: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    edit = _load_edit(args.edit, args.unsafe_skip_base_check)
+    prompts, from_file = _prompts(args)
+    if prompts:
+        concepts = _attack_concepts(args, prompts, from_file)
+    else:
+        prompts, concepts = _default_prompts(args, edit)
+        out.info(f"no --prompt given: attacking {len(prompts)} canvas captions ({N_DEFAULT_PROMPTS} per concept)")
     from ..attacks import attack, get_attack
+    from ..attacks.concepts import prompt_concepts
 
     options = parse_options(args.option, get_attack(args.attack)[0])
+    concepts = prompt_concepts(prompts, concepts, (edit.manifest.get("concepts") or []) if edit else [])
+    folder = Path(args.out)   # the inputs are sound: now the outputs, before any model is loaded
+    files = [folder / "attack.json", folder / "attack.csv"]
+    _check_outputs(files, args.overwrite)
+    judge = load_judge(args.judge)
+    for name in dict.fromkeys(concepts):   # an unknown concept fails before the model is loaded
+        judge.find(name)
     pipe, _ = _load_pipe(args, out, edit.manifest if edit else None)
     if edit is not None:
         edit.check(pipe)
-    judge = load_judge(args.judge)
-    judge.find(concept)
-    out.info(f"attacking {concept!r} on {len(prompts)} prompt(s) with {args.attack} ...")
-    result = attack(pipe, prompts, concept, judge=judge, method=args.attack, seeds=args.seed, edit=edit,
+    names = ", ".join(dict.fromkeys(concepts))
+    out.info(f"attacking {names} on {len(prompts)} prompt(s) with {args.attack} ...")
+    result = attack(pipe, prompts, concepts, judge=judge, method=args.attack, seeds=args.seed, edit=edit,
                     progress=out.progress, **options)
-    folder = Path(args.out)
-    files = [result.save(folder / "attack.json"), result.save(folder / "attack.csv")]
+    files = [result.save(path) for path in files]
     data = {"out": str(folder), "files": [str(p) for p in files], **result.summary(),
             "adv_prompts": [p.adv_prompt for p in result.prompts]}
-    lines = [str(result)] + [f"  {'broken' if p.success else 'held  '}  {p.prompt!r} -> {p.adv_prompt!r}"
-                             for p in result.prompts]
+    several = len(result.concepts) > 1
+    lines = [str(result)] + [f"  {'broken' if p.success else 'held  '}  " + (f"[{p.concept}] " if several else "") +
+                             f"{p.prompt!r} -> {p.adv_prompt!r}" for p in result.prompts]
     out.result(data, lines + [f"wrote {files[0]} and {files[1]}"])
     return EXIT_OK
 
@@ -116,7 +205,9 @@ def cmd_attack(args, out: Output) -> int:
 def cmd_eval(args, out: Output) -> int:
     from ..eval import evaluate
 
-    edit = _load_edit(args.edit)
+    edit = _load_edit(args.edit, args.unsafe_skip_base_check)
+    folder = Path(args.out)   # the Edit file is sound: now the outputs, before any model is loaded
+    _check_outputs([folder / "report.json", folder / "report.md"], args.overwrite)
     pipe, _ = _load_pipe(args, out, edit.manifest if edit else None)
     if edit is not None:
         edit.check(pipe)
@@ -124,7 +215,7 @@ def cmd_eval(args, out: Output) -> int:
     targets = args.target or (edit.manifest.get("concepts") if edit is not None else None)
     out.info(f"evaluating ({args.protocol}) ...")
     report = evaluate(pipe, edit=edit, protocol=args.protocol, targets=targets, judge=judge,
-                      out_dir=Path(args.out), progress=out.progress, edit_path=args.edit)
+                      out_dir=folder, progress=out.progress, edit_path=args.edit)
     summary = report.summary() if callable(getattr(report, "summary", None)) else {}
     out.result({"out": str(args.out), **summary},
                [f"evaluation ({args.protocol}): " + format_scores(summary), f"  wrote {args.out}"])
@@ -143,16 +234,22 @@ def cmd_demo(args, out: Output) -> int:
 def cmd_preview(args, out: Output) -> int:
     from ..preview.app import launch
 
-    launch(host=args.host, port=args.port, model=args.model or "canvas-mini", edit=args.edit,
-           report=args.report, quiet=out.quiet)
+    models = args.model or ["canvas-mini"]
+    launch(host=args.host, port=args.port, model=models[0], models=models[1:], roots=args.allow_root,
+           edit=args.edit, report=args.report, quiet=out.quiet)
     return EXIT_OK
 
 
 def cmd_bench(args, out: Output) -> int:
     import subprocess
 
-    root = Path(__file__).resolve().parents[2] / "benchmarks"
-    scripts = sorted(p for p in root.glob("*.py") if not p.name.startswith("_")) if root.is_dir() else []
+    checkout = Path(__file__).resolve().parents[2]  # the repository, when erasekit runs from one
+    root = checkout / "benchmarks"
+    if not ((checkout / "pyproject.toml").is_file() and root.is_dir()):
+        raise ConfigError(f"`erasekit bench` runs the scripts in benchmarks/ of a source checkout, and this "
+                          f"erasekit (in {checkout / 'erasekit'}) is installed without one: clone the "
+                          "repository, `pip install -e .` in it, and run `erasekit bench` there")
+    scripts = sorted(p for p in root.glob("*.py") if not p.name.startswith("_"))
     if not scripts:
         raise ConfigError(f"no benchmarks found in {root}: run `erasekit bench` from a full checkout")
     names = dict(sorted((p.stem.removeprefix("bench_"), p) for p in scripts))
@@ -210,7 +307,8 @@ def cmd_env(args, out: Output) -> int:
 
     data["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
     data["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    assets = Path(__file__).resolve().parents[2] / "assets"
-    data["assets"] = {n: (assets / n).is_dir() for n in ("canvas-mini", "canvas-judge")}
+    from .._assets import ASSETS, asset_path
+
+    data["assets"] = {n: asset_path(n, must_exist=False).is_dir() for n in ASSETS}
     out.result(data, [f"{k}: {'-' if v is None else v}" for k, v in data.items()])
     return EXIT_OK

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import warnings
+from contextlib import contextmanager
 
 from ..errors import ErasekitError
 from .commands import (cmd_attack, cmd_bench, cmd_demo, cmd_env, cmd_erase, cmd_eval, cmd_methods,
@@ -102,6 +104,7 @@ EXAMPLES = {
              "      --out vg.safetensors\n"
              "  erasekit erase --method esd --concept nudity --model CompVis/stable-diffusion-v1-4 --device cuda\n",
     "attack": "examples:\n"
+              "  erasekit attack --edit rece-Van_Gogh.safetensors   # 4 canvas captions of each erased concept\n"
               "  erasekit attack --edit rece-Van_Gogh.safetensors --prompt 'A Cats image in Van Gogh style.'\n"
               "  erasekit attack --edit vg.safetensors --concept Van_Gogh --prompts-file prompts.txt \\\n"
               "      --seed 0 --seed 1 -o blocks=5\n",
@@ -109,11 +112,17 @@ EXAMPLES = {
             "  erasekit eval --protocol canvas-lite --target Van_Gogh --out base-report/   # the base model\n",
     "demo": "examples:\n  erasekit demo\n  erasekit demo --concept Cubism --out cubism-demo/\n",
     "preview": "examples:\n  erasekit preview                      # http://127.0.0.1:7860\n"
-               "  erasekit preview --edit rece-Van_Gogh.safetensors --report report/ --port 8000\n",
+               "  erasekit preview --edit rece-Van_Gogh.safetensors --report report/ --port 8000\n"
+               "  erasekit preview --model canvas-mini --model ./my-sd15 --allow-root runs/\n",
     "bench": "examples:\n  erasekit bench --list\n  erasekit bench closed_form\n  erasekit bench sfd -- --help\n",
     "methods": "examples:\n  erasekit methods\n  erasekit methods rece --json\n",
     "env": "example:\n  erasekit env --json   # paste into bug reports\n",
 }
+
+
+UNSAFE_HELP = ("UNSAFE: use the Edit even though its base-model family or fingerprint is missing or differs from "
+               "--model's (only if you know it fits, e.g. a fine-tuned copy); every other check still runs and "
+               "a warning is printed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,22 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("attack", cmd_attack, "attack an erased model with adversarial prompts; write them and the ASR",
             (common, model), epilog_fn=_attack_epilog)
     p.add_argument("--edit", help="the Edit file to attack (default: attack the base model)")
-    p.add_argument("--concept", help="the erased concept to bring back (default: the Edit's first concept)")
-    p.add_argument("--prompt", action="append", help="a prompt to attack (repeatable)")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--seed", action="append", type=int, help="a seed per prompt (repeatable; default 0, 1, ...)")
+    p.add_argument("--unsafe-skip-base-check", action="store_true",
+                   help=UNSAFE_HELP)
+    p.add_argument("--concept", action="append",
+                   help="the erased concept the judge looks for: once for every prompt, or once per prompt in "
+                        "order (default: the one of the Edit's concepts that each prompt names)")
+    p.add_argument("--prompt", action="append",
+                   help="a prompt to attack (repeatable; default: 4 canvas captions per concept with --judge canvas)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line; a 'CONCEPT<TAB>PROMPT' line gives "
+                                          "its prompt's concept")
+    p.add_argument("--seed", action="append", type=int, help="a seed per prompt (repeatable; default 0 for each)")
     p.add_argument("--attack", default="unlearndiffatk",
                    help="unlearndiffatk (default), none, seed_search or random_prefix")
     p.add_argument("-o", "--option", action="append", metavar="NAME=VALUE", help="an attack option (repeatable)")
     p.add_argument("--judge", default="canvas", help="canvas (default), nudenet, or a judge directory")
     p.add_argument("--out", default="attack", help="output folder (default ./attack)")
+    p.add_argument("--overwrite", action="store_true", help="replace attack.json/attack.csv in --out if they exist")
 
     p = add("eval", cmd_eval, "evaluate an Edit (UA/IRA/CRA, FID, CLIP, cost) and write the report", (common, model))
     p.add_argument("--edit", help="the Edit file to evaluate (default: the base model)")
+    p.add_argument("--unsafe-skip-base-check", action="store_true",
+                   help=UNSAFE_HELP)
     p.add_argument("--protocol", default="canvas-lite", help="evaluation protocol (default canvas-lite)")
     p.add_argument("--target", action="append", help="an erased concept (repeatable; default: the Edit's)")
     p.add_argument("--judge", default="canvas", help="canvas (default), nudenet, or a judge directory")
     p.add_argument("--out", default="report", help="output folder (default ./report)")
+    p.add_argument("--overwrite", action="store_true", help="replace report.json/report.md in --out if they exist")
 
     p = add("demo", cmd_demo, "the main job end to end on canvas-mini: erase a style with RECE, attack it "
             "with UnlearnDiffAtk, evaluate it, write a report folder", (common, model))
@@ -168,9 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="erasekit-demo", help="output folder (default ./erasekit-demo)")
 
     p = add("preview", cmd_preview, "start the Gradio preview (original vs erased, attack on demand)")
-    p.add_argument("--model", default=None, help="model to preview (default canvas-mini)")
+    p.add_argument("--model", action="append", default=None, help="a model visitors may load (repeat to offer "
+                   "several; the first is shown first); canvas-mini is always offered, nothing else")
     p.add_argument("--edit", help="an Edit file to preload")
-    p.add_argument("--report", help="an evaluation report folder to show")
+    p.add_argument("--report", help="an evaluation report folder to show (visitors may open folders inside it)")
+    p.add_argument("--allow-root", action="append", default=[], metavar="DIR", help="a folder whose Edit files and "
+                   "reports visitors may open (repeatable); by default they reach only uploads and the app's output")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
 
@@ -209,6 +231,27 @@ def _fail(exc: BaseException, debug: bool) -> int:
     return EXIT_FAILURE
 
 
+@contextmanager
+def _loud_unsafe_warnings():
+    """Show each distinct skipped-base-check warning once, as one line on stderr (even with --quiet)."""
+    from ..pipelines.edit import BaseCheckSkippedWarning
+
+    shown, show = set(), warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, BaseCheckSkippedWarning):
+            return show(message, category, filename, lineno, file, line)
+        text = " ".join(str(message).split())
+        if text not in shown:
+            shown.add(text)
+            print(f"erasekit: warning: {text}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", BaseCheckSkippedWarning)
+        warnings.showwarning = one_line
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script exits with it)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -221,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return EXIT_USAGE
         out = Output(quiet=getattr(args, "quiet", False), as_json=getattr(args, "json", False))
+        if getattr(args, "unsafe_skip_base_check", False):
+            with _loud_unsafe_warnings():
+                return args.func(args, out)
         return args.func(args, out)
     except SystemExit as e:  # --help and --version
         return e.code if isinstance(e.code, int) else EXIT_OK

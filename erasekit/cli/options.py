@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import typing
 from contextlib import contextmanager
@@ -54,9 +55,13 @@ def _convert(raw: str, tp, name: str):
                 raise ValueError
             return raw.lower() in _TRUE
         if tp in (int, float, str):
-            return tp(raw)
+            value = tp(raw)
     except ValueError:
         raise ConfigError(f"option `{name}` must be a {_type_name(tp)} but is {raw!r}") from None
+    if tp in (int, float, str):
+        if tp is float and not math.isfinite(value):   # nan and inf parse, but no option means them
+            raise ConfigError(f"option `{name}` must be a finite number but is {raw!r}")
+        return value
     try:  # anything else (dicts, unannotated): JSON if it parses, else the text itself
         return json.loads(raw)
     except ValueError:
@@ -150,11 +155,23 @@ def quiet_loading():
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
+    """``auto`` -> ``cuda`` if available, else ``cpu``; any other name must be a device this machine has."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N but is {device!r}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise ConfigError(f"--device {device} is not on this machine ({n} CUDA GPU(s) found): use "
+                              + ("--device cpu" if n == 0 else f"cuda:0 .. cuda:{n - 1}"))
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device} is not available on this machine: use --device cpu")
+    return device
 
 
 def load_judge(name: str):

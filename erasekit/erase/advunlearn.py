@@ -18,11 +18,9 @@ Defaults (advunlearn.md "Defaults"; full-size models, latents > 32 px): 1000 ite
 warm-up 200, ``text-encoder-full`` (all transformer layers + final layer norm; token and position
 embeddings frozen), PGD attack 30 Adam steps lr 1e-3 on k=1 prefix embeddings refreshed every
 iteration from random-token init, retain batch 5, gamma 0.5 (0.3 for nudity), eta 1, CFG 3, 50 DDIM
-steps, ``retain_train='reg'``. On small models (canvas-mini) the iteration budget is scaled down,
-the lr up (1e-3) and the prefix is k = 3 tokens, the reference function's default and
-UnlearnDiffAtk's (:func:`preset`); every resolved value is recorded in the Edit's manifest. On
-canvas-mini's four benchmark styles k = 1 with lr 1e-4 left UA 60-100 % and UnlearnDiffAtk ASR 35 %
-(H100 run), k = 3 with lr 1e-3 UA 100 % and ASR 10 % (CPU; README "AdvUnlearn against ESD").
+steps, ``retain_train='reg'``. A model's preset provider (:mod:`erasekit.presets`) may replace
+them (canvas-mini: a budget that runs in minutes on a CPU, k = 3; docs/presets.md); every resolved
+value is recorded in the Edit's manifest.
 
 Efficiency (section 7): one frozen UNet (``requires_grad`` off: only activations flow back to the
 encoder); no copy of the original encoder -- tau_o is only ever needed on fixed prompts ("",
@@ -40,18 +38,15 @@ Deviations from the reference code, all recorded in the manifest:
   ESD convention, esd.md section 4) instead of t ~ U[20 t_enc, 20 t_enc + 20).
 - The attack optimiser's gradients are zeroed each step (the reference accumulates them).
 - ``attack='fast_at'`` is truly one signed step by default (the reference runs 30).
-- Canvas objects (``canvas_prompts="auto"``, default): every caption that carries the object keeps
-  its latent and its frozen prediction, and L_u removes only the object's short text ("A Flowers
-  image."): target eps_o(caption) - (eta + 1)(eps_o(label text) - eps_o("")), ESD's attribute form.
-  With the whole caption as c_e (the reference's form, ``"caption"``) the target also pushes away the
-  caption's style, which the retain loss then fights: on canvas-mini's four benchmark objects the
-  caption form left Flowers unerased (UA 0 %) and UnlearnDiffAtk at 52.5 % (previous attack
-  schedule); the attribute form erased 80 % with ASR 42.5 %, and with eta 3 (the small-model preset
-  for objects) 87.5 % with ASR 27.5 %, at a cost in retention (IRA 70.6 %, CRA 75 % against 87.5 % /
-  88.3 % at eta 1). Styles keep the caption form and eta 1, where the attribute form erased less (UA
-  82.5 % against 100 %); ``"attribute"`` applies it to both (README "AdvUnlearn against ESD").
-- Retain set: canvas-mini captions of the other styles/objects, or the 80 COCO category names as
-  "a photo of a <name>" (the reference's 243-noun ``coco_object`` list is not shipped).
+- Concepts with prompts and an attribute text from the model's provider (canvas-mini: captions
+  and "A Flowers image."): ``prompt_form="attribute"`` keeps every prompt's latent and frozen
+  prediction while L_u removes only the attribute's direction, target eps_o(prompt) - (eta + 1)
+  (eps_o(attribute) - eps_o("")), ESD's attribute form; ``"caption"`` uses the whole prompt (the
+  reference's form); ``"auto"`` (default) takes the provider's choice per concept (canvas-mini:
+  objects in the attribute form with eta 3, styles as captions; measured there, docs/presets.md).
+- Retain set: the model's provider's prompts of other concepts (canvas-mini: its captions), or the
+  80 COCO category names as "a photo of a <name>" (the reference's 243-noun ``coco_object`` list is
+  not shipped).
 - SDXL and SD 2.x are not covered by the paper (its encoder is SD 1.x's CLIP ViT-L/14 and does not
   transfer, issue 1 of OPTML-Group/AdvUnlearn). Here SD 2.x trains its OpenCLIP encoder the same
   way; SDXL trains both encoders (``encoders='all'``) or only the first, the prefix slots go into
@@ -73,16 +68,14 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..pipelines.family import Context
-from .data import canvas_label
-from .data import concept_prompts as canvas_prompts
+from ..presets import concept_context
 from .engine import TrainConfig, Trainer
-from .esd import attribute_text, esd_target
+from .esd import esd_target
 from .param_sets import select_params
 from .registry import check, register
 
 ATTACKS = ("pgd", "fast_at")
 ATTACK_LOSSES = ("esd_match", "diffusion_classifier")
-_NUDITY = re.compile(r"nud|naked|nsfw|sexual|porn")
 COCO_CATEGORIES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
     "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
@@ -121,20 +114,21 @@ class AdvUnlearnConfig(TrainConfig):
         "esd_match (reference code) or diffusion_classifier (paper: true noise on the original model's image)"))
     gamma: float | None = field(default=None, metadata=_h("retain weight (None: 0.3 nudity, 0.5 otherwise)"))
     retain: str | list = field(default="auto", metadata=_h(
-        "retain prompts: 'auto', 'canvas', 'coco', a text file (one prompt a line), or a list of prompts"))
+        "retain prompts: 'auto', 'model' (the model's provider's), 'coco', a text file (one prompt a line), "
+        "or a list of prompts"))
     retain_batch: int = field(default=5, metadata=_h("retain prompts per iteration"))
     retain_train: str = field(default="reg", metadata=_h("reg: L_u + gamma L_r in one step; iter: separate retain step"))
     eta: float | None = field(default=None, metadata=_h(
-        "negative guidance of the ESD target, paper convention (None: 1; 3 for canvas objects on small models)"))
+        "negative guidance of the ESD target, paper convention (None: 1, or the provider's for the attribute form)"))
     guidance: float = field(default=3.0, metadata=_h("CFG scale of the latent sampler"))
-    ddim_steps: int | None = field(default=None, metadata=_h("DDIM steps of the latent sampler (None: 50; 20 small)"))
+    ddim_steps: int | None = field(default=None, metadata=_h("DDIM steps of the latent sampler (None: preset)"))
     pool_size: int = field(default=32, metadata=_h("frozen-model trajectories sampled once (0: fresh per draw)"))
     prompts: str = field(default="auto", metadata=_h(
-        "concept prompts: 'concept' (the words as given) or 'auto' (canvas-mini captions for its labels)"))
-    canvas_prompts: str = field(default="auto", metadata=_h(
-        "canvas labels: attribute (the ESD target removes only the label's short text from each caption, as "
-        "ESD's default), caption (the whole caption, the reference's form) or auto (attribute for objects, "
-        "caption for styles: measured on canvas-mini, README)"))
+        "concept prompts: 'concept' (the words as given) or 'auto' (the model's prompts of each concept, "
+        "canvas-mini: its captions)"))
+    prompt_form: str = field(default="auto", metadata=_h(
+        "concepts with model prompts: attribute (the ESD target removes only the concept's short text from "
+        "each prompt), caption (the whole prompt, the reference's form) or auto (the provider's choice)"))
     mixed_precision: str = field(default="auto", metadata=_h("auto (bf16 on GPU, no on CPU), no, bf16, fp16"))
     gradient_checkpointing: bool | None = field(default=None, metadata=_h(
         "checkpoint the UNet's activations (None: on for full-size models)"))
@@ -167,11 +161,11 @@ class AdvUnlearnConfig(TrainConfig):
         check(self.ddim_steps is None or self.ddim_steps >= 1, f"`ddim_steps` must be >= 1 but is {self.ddim_steps}")
         check(self.pool_size >= 0, f"`pool_size` must be >= 0 but is {self.pool_size}")
         check(self.prompts in ("auto", "concept"), f"`prompts` must be 'auto' or 'concept' but is {self.prompts!r}")
-        check(self.canvas_prompts in ("auto", "attribute", "caption"),
-              f"`canvas_prompts` must be 'auto', 'attribute' or 'caption' but is {self.canvas_prompts!r}")
+        check(self.prompt_form in ("auto", "attribute", "caption"),
+              f"`prompt_form` must be 'auto', 'attribute' or 'caption' but is {self.prompt_form!r}")
         if isinstance(self.retain, str):
-            check(self.retain in ("auto", "canvas", "coco") or Path(self.retain).is_file(),
-                  f"`retain` must be 'auto', 'canvas', 'coco', a text file with one prompt per line, or a list of "
+            check(self.retain in ("auto", "model", "coco") or Path(self.retain).is_file(),
+                  f"`retain` must be 'auto', 'model', 'coco', a text file with one prompt per line, or a list of "
                   f"prompts but is {self.retain!r}")
         else:
             check(len(self.retain) > 0, "`retain` is an empty list: give at least one retain prompt "
@@ -179,53 +173,55 @@ class AdvUnlearnConfig(TrainConfig):
 
 
 # -- presets, prompts, retain set ----------------------------------------------------------------
-def preset(pipe, concepts: list[str], config: AdvUnlearnConfig) -> dict:
+PAPER = dict(steps=1000, lr=1e-5, k=1, pgd_steps=30, ddim_steps=50)   # advunlearn.md "Defaults"
+
+
+def preset(pipe, concepts: list[str], config: AdvUnlearnConfig, ctx=None) -> dict:
     """Resolved values of every ``None``/``auto`` option for this model and these concepts.
 
-    Full-size models get the reference values; small ones (UNet latents of at most 32 px, as ESD's
-    ``small`` preset: canvas-mini, 16 px latents and a 64-wide 3-layer encoder) a budget that runs
-    in minutes on a CPU, with a larger lr so the much smaller encoder moves as far in fewer steps,
-    k = 3 prefix tokens instead of 1, ESD's 20 DDIM steps for the latents, and eta 3 for canvas objects
-    (attribute form), which forgot them more under attack on canvas-mini at a cost in retention (README).
+    The model's provider gives the budget (canvas-mini: minutes on a CPU, k = 3), else the
+    reference values; gamma by kind (0.3 nudity, 0.5 otherwise); eta 1, or the provider's value when
+    a concept is in the attribute form. Full-size UNets (latents > 32 px) checkpoint activations.
     """
-    full = int(pipe.unet.config.sample_size) > 32
-    steps = config.steps or (1000 if full else 300)
-    pgd_steps = 30 if full else 10
+    ctx = ctx or concept_context(pipe, concepts, config)
+    name, budget = ctx.ask("advunlearn_preset") or ("reference", PAPER)
+    attribute = any(attribute_form(c, config, ctx) for c in concepts)
+    eta = (ctx.ask("advunlearn_attribute_eta") if attribute else None) or 1.0
+    steps = config.steps or budget["steps"]
     cuda = pipe.unet.device.type == "cuda"
     return {
-        "steps": steps, "lr": config.lr if config.lr is not None else (1e-5 if full else 1e-3),
-        "k": config.k or (1 if full else 3),
+        "preset": name, "steps": steps, "lr": config.lr if config.lr is not None else budget["lr"],
+        "k": config.k or budget["k"],
         "warmup": config.warmup if config.warmup is not None else steps // 5,
-        "attack_steps": config.attack_steps or (pgd_steps if config.attack == "pgd" else 1),
-        "ddim_steps": config.ddim_steps or (50 if full else 20),
-        "gamma": config.gamma if config.gamma is not None else (
-            0.3 if any(_NUDITY.search(c.lower()) for c in concepts) else 0.5),
-        "eta": config.eta if config.eta is not None else (
-            3.0 if not full and any(attribute_form(c, config) for c in concepts) else 1.0),
+        "attack_steps": config.attack_steps or (budget["pgd_steps"] if config.attack == "pgd" else 1),
+        "ddim_steps": config.ddim_steps or budget["ddim_steps"],
+        "gamma": config.gamma if config.gamma is not None else (0.3 if "nudity" in ctx.kinds else 0.5),
+        "eta": config.eta if config.eta is not None else eta,
         "mixed_precision": config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if cuda else "no"),
-        "gradient_checkpointing": full if config.gradient_checkpointing is None else config.gradient_checkpointing,
+        "gradient_checkpointing": (int(pipe.unet.config.sample_size) > 32 if config.gradient_checkpointing is None
+                                   else config.gradient_checkpointing),
     }
 
 
-def concept_prompts(concepts: list[str], mode: str = "auto") -> list[str]:
-    """The prompts c_e trained on: the concepts as given, or canvas-mini's captions of a canvas label."""
+def concept_prompts(concepts: list[str], mode: str = "auto", ctx=None) -> list[str]:
+    """The prompts c_e trained on: the concepts as given, or the model's prompts of each concept."""
     if mode != "auto":
         return list(dict.fromkeys(concepts))
-    return list(dict.fromkeys(p for c in concepts for p in canvas_prompts(c)))
+    ctx = ctx or concept_context(None, concepts)
+    return list(dict.fromkeys(p for c in concepts for p in ctx.prompts(c)))
 
 
-def attribute_form(concept: str, config: AdvUnlearnConfig) -> bool:
-    """Whether L_u takes ``concept`` in ESD's attribute form (a canvas label; ``auto``: objects only)."""
-    found = canvas_label(concept)
-    if found is None or config.prompts != "auto" or config.canvas_prompts == "caption":
+def attribute_form(concept: str, config: AdvUnlearnConfig, ctx) -> bool:
+    """Whether L_u takes ``concept`` in ESD's attribute form (it has an attribute; ``auto``: the provider's)."""
+    if ctx.attribute(concept) is None or config.prompts != "auto" or config.prompt_form == "caption":
         return False
-    return config.canvas_prompts == "attribute" or found[0] == "object"
+    return config.prompt_form == "attribute" or ctx.ask("advunlearn_form", concept) == "attribute"
 
 
-def prompt_attributes(concepts: list[str], prompts: list[str], config: AdvUnlearnConfig) -> list[str] | None:
-    """Per concept prompt, the text whose direction L_u removes: its canvas label's short text
+def prompt_attributes(concepts: list[str], prompts: list[str], config: AdvUnlearnConfig, ctx) -> list[str] | None:
+    """Per concept prompt, the text whose direction L_u removes: its concept's attribute text
     (attribute form) or the prompt itself; None when no prompt has an attribute (plain ESD target)."""
-    owner = {p: attribute_text(c) for c in concepts if attribute_form(c, config) for p in canvas_prompts(c)}
+    owner = {p: ctx.attribute(c) for c in concepts if attribute_form(c, config, ctx) for p in ctx.prompts(c)}
     attributes = [owner.get(p) or p for p in prompts]
     return None if attributes == prompts else attributes
 
@@ -240,17 +236,17 @@ def overlaps(prompt: str, concept: str) -> bool:
     return c.strip() != "" and c in _words(prompt)
 
 
-def retain_prompts(concepts: list[str], retain: str | list = "auto") -> list[str]:
+def retain_prompts(concepts: list[str], retain: str | list = "auto", ctx=None) -> list[str]:
     """The retain set: prompts of other concepts, never mentioning an erased one (validated).
 
-    ``auto``: canvas-mini captions when every concept is a canvas label, else ``coco``. ``canvas``:
-    every canvas caption that mentions no erased label. ``coco``: "a photo of a <category>" over
-    COCO's 80 categories minus erased ones (and minus ``person`` for nudity). A list (or a text file
-    with one prompt a line) is used as given and must not mention a concept.
+    ``auto``: the model's provider's prompts when it has some for these concepts (canvas-mini: its
+    captions), else ``coco``. ``model``: the provider's prompts that mention no erased concept.
+    ``coco``: "a photo of a <category>" over COCO's 80 categories minus erased ones (and minus
+    ``person`` for kind nudity). A list (or a text file with one prompt a line) is used as given and
+    must not mention a concept.
     """
-    from ..canvas.world import OBJECTS, STYLES, caption
-
-    if isinstance(retain, str) and retain not in ("auto", "canvas", "coco"):
+    ctx = ctx or concept_context(None, concepts)
+    if isinstance(retain, str) and retain not in ("auto", "model", "coco"):
         retain = [line.strip() for line in Path(retain).read_text().splitlines() if line.strip()]
     if not isinstance(retain, str):
         prompts = [p for p in retain]
@@ -259,13 +255,12 @@ def retain_prompts(concepts: list[str], retain: str | list = "auto") -> list[str
             raise ConfigError(f"retain prompt {bad[0][0]!r} mentions the erased concept {bad[0][1]!r}: the retain "
                               "set must hold only other concepts; remove it from `retain`")
     else:
-        mode = retain
-        if mode == "auto":
-            mode = "canvas" if all(canvas_label(c) for c in concepts) else "coco"
-        if mode == "canvas":
-            prompts = [caption(o, s) for o in OBJECTS for s in STYLES]
-        else:
-            nude = any(_NUDITY.search(c.lower()) for c in concepts)
+        prompts = ctx.ask("retain_prompts") if retain in ("auto", "model") else None
+        if retain == "model" and prompts is None:
+            raise ConfigError(f"retain='model': the model's {ctx.provider.name} presets have no retain prompts for "
+                              f"{ctx.concepts}; use 'coco', a text file or a list of prompts")
+        if prompts is None:
+            nude = "nudity" in ctx.kinds
             prompts = [f"a photo of a {n}" for n in COCO_CATEGORIES if not (nude and n in _NUDITY_CONFLICTS)]
         prompts = [p for p in prompts if not any(overlaps(p, c) for c in concepts)]
     if not prompts:
@@ -424,7 +419,7 @@ class AdvUnlearnTrainer:
 
     def __init__(self, pipe, adapter, prompts: list[str], retain: list[str], config: AdvUnlearnConfig,
                  resolved: dict, attributes: list[str] | None = None):
-        from ..attacks.prefix import PrefixPrompts
+        from ..pipelines.prefix import PrefixPrompts
 
         self.pipe, self.adapter, self.config, self.r = pipe, adapter, config, resolved
         self.prompts, self.retain, self.attributes = prompts, retain, attributes
@@ -533,9 +528,9 @@ class AdvUnlearnTrainer:
             "attack optimiser gradients zeroed every step (reference: accumulated)",
         ]
         if self.attributes:
-            deviations.append("canvas labels: ESD target in the attribute form, eps_o(caption) - (eta + 1) "
-                              "(eps_o(label text) - eps_o('')) (reference: the whole prompt, no canvas captions)")
-        return {"preset": self.r, "prompts": self.prompts, "attributes": sorted(set(self.attributes or [])),
+            deviations.append("attribute form: ESD target eps_o(prompt) - (eta + 1) (eps_o(attribute text) - "
+                              "eps_o('')) (reference: the whole prompt)")
+        return {"resolved": self.r, "prompts": self.prompts, "attributes": sorted(set(self.attributes or [])),
                 "retain_prompts": len(self.retain),
                 "retain_examples": self.retain[:3], "original_encoder": "encoded once on the fixed prompts (no copy)",
                 "attack": {"space": "embedding", "insertion": "prefix", "loss": self.config.attack_loss},
@@ -555,23 +550,28 @@ def _unet_checkpointing(unet, on: bool):
             unet.disable_gradient_checkpointing()
 
 
-@register("advunlearn", AdvUnlearnConfig)
+@register("advunlearn", AdvUnlearnConfig, components=("text_encoder", "text_encoder_2"))
 def advunlearn(pipe, concepts: list[str], config: AdvUnlearnConfig):
     """Erase ``concepts`` by adversarial training of the text encoder; the Edit holds only its weights.
 
     The Edit plugs into any pipeline that uses the same text encoder (same base weights): the UNet
     is never changed. See the module docstring for the objective, defaults and deviations.
     """
-    from ..attacks.prefix import PrefixPrompts
+    from ..pipelines.prefix import PrefixPrompts
     from ..pipelines.family import FamilyAdapter
 
     adapter = FamilyAdapter(pipe)
     check_inputs_embeds(adapter)
-    prompts = concept_prompts(concepts, config.prompts)
-    retain = retain_prompts(concepts, config.retain)
-    resolved = preset(pipe, concepts, config)
+    ctx = concept_context(pipe, concepts, config)
+    prompts = concept_prompts(concepts, config.prompts, ctx)
+    retain = retain_prompts(concepts, config.retain, ctx)
+    resolved = preset(pipe, concepts, config, ctx)
     PrefixPrompts(adapter, prompts, resolved["k"])  # refuses prompts that do not fit with the prefix
     params = trainable_params(pipe, config)
     engine_cfg = dataclasses.replace(config, mixed_precision=resolved["mixed_precision"], gradient_checkpointing=False)
-    attributes = prompt_attributes(concepts, prompts, config)
-    return AdvUnlearnTrainer(pipe, adapter, prompts, retain, config, resolved, attributes).fit(params, engine_cfg)
+    attributes = prompt_attributes(concepts, prompts, config, ctx)
+    edit = AdvUnlearnTrainer(pipe, adapter, prompts, retain, config, resolved, attributes).fit(params, engine_cfg)
+    values = {**resolved, "prompt_form": config.prompt_form, "retain_prompts": len(retain),
+              "attack_lr": config.attack_lr, "retain_batch": config.retain_batch, "guidance": config.guidance}
+    edit.manifest.update(ctx.record(resolved["preset"], {k: v for k, v in values.items() if k != "preset"}))
+    return edit

@@ -22,6 +22,17 @@ erase rows n_e and is stored exactly as those two factors (no SVD).
 by default: ``B`` sums hundreds of rows of norm ~30, so its condition number reaches 1e5-1e6 and
 would use up most of float32's digits; the spec's default is float32, selectable). Only the
 per-layer products ``W_ref P`` touch the pipeline's device, in float32 whatever the pipeline's dtype.
+
+Whether ``B`` can be solved is decided from its eigenvalues (``eigvalsh`` in float64), never from a
+factorisation's pivots, so the answer does not depend on the CPU, its vector units or the thread
+count (:func:`solvability`). ``B`` is the Gram matrix of the stacked rows ``[sqrt(s) C; sqrt(lam) I]``,
+so its eigenvalues are their squared singular values, and the rank rule of numpy's ``matrix_rank``
+(singular value <= dimension x eps x largest) applies with the precision of the key rows (text
+encoders compute in float32 or lower): ``B`` is singular when
+``lambda_min <= lambda_max * max((d eps_keys)^2, d eps_float64)``. A solve in float32 also needs
+``B`` rounded to float32 to stay positive definite: its rounding error is at most
+``eps_float32 ||B||_F / 2`` in the 2-norm, so ``lambda_min <= eps_float32 ||B||_F`` is refused
+(with a factor 2 to spare).
 """
 
 from __future__ import annotations
@@ -88,6 +99,7 @@ class UCEFitter:
 
     def __init__(self, dim: int, lam: float, dtype: torch.dtype = torch.float64):
         self.dim, self.lam, self.dtype = dim, float(lam), dtype
+        self.key_eps = torch.finfo(torch.float32).eps   # precision of the rows: float32 or coarser
         eye = torch.eye(dim, dtype=torch.float64)
         self.B = lam * eye          # lam I + s_e C^T C + s_p sum c_j c_j^T
         self.M = lam * eye          # lam I + s_e G^T C + s_p sum c_j c_j^T  (A = W_ref M)
@@ -96,6 +108,8 @@ class UCEFitter:
         self._C: list[torch.Tensor] = []   # erase keys
 
     def _rows(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        if x.is_floating_point():   # float16 / bfloat16 rows carry fewer digits than float32 ones
+            self.key_eps = max(self.key_eps, torch.finfo(x.dtype).eps)
         x = x.detach().to("cpu", torch.float64).reshape(-1, self.dim)
         if not torch.isfinite(x).all():
             raise EditError(f"the {what} embeddings contain NaN or Inf (text encoder overflow?): load the "
@@ -122,6 +136,8 @@ class UCEFitter:
 
     def update_gram(self, CtC: torch.Tensor, n_rows: int, scale: float = 1.0) -> None:
         """Add preserve rows given by their Gram matrix ``C^T C`` (reused across solves, e.g. by RECE)."""
+        if CtC.is_floating_point():
+            self.key_eps = max(self.key_eps, torch.finfo(CtC.dtype).eps)
         CtC = CtC.detach().to("cpu", torch.float64)
         self.B += scale * CtC
         self.M += scale * CtC
@@ -131,25 +147,45 @@ class UCEFitter:
         """The right-hand side of the normal equations for one weight: ``A = W_ref M``."""
         return W_ref.double().cpu() @ self.M
 
+    def solvability(self) -> tuple[float, float, float]:
+        """``(lambda_min, singular tolerance, solve tolerance)`` of ``B`` (module docstring).
+
+        ``B`` is singular when ``lambda_min <= singular tolerance``; a solve in ``dtype`` also needs
+        ``lambda_min > solve tolerance`` (``eps(dtype) ||B||_F``; implied by the first in float64). Both
+        come from ``eigvalsh`` in float64, so the decision is the same on every CPU and thread count
+        for any ``B`` not within round-off of a threshold.
+        """
+        if not torch.isfinite(self.B).all():
+            return float("nan"), float("inf"), float("inf")
+        ev = torch.linalg.eigvalsh(self.B)
+        lam_min, lam_max = float(ev[0]), float(ev[-1].clamp_min(0))
+        d, eps64 = self.dim, torch.finfo(torch.float64).eps
+        singular_tol = lam_max * max((d * self.key_eps) ** 2, d * eps64)
+        solve_tol = torch.finfo(self.dtype).eps * float(ev.norm())   # ||B||_F = ||eigenvalues||_2
+        return lam_min, singular_tol, solve_tol
+
     def solve(self) -> RightUpdate:
-        """Factorise B once (Cholesky) and return ``T = I + P Q`` for every layer."""
+        """Decide solvability from B's eigenvalues, factorise B once (Cholesky) and return ``T = I + P Q``."""
         if self.lam == 0 and self.n_rows < self.dim:
             raise ConfigError(f"the UCE system is singular: `lamb` is 0 and there are only {self.n_rows} key "
                               f"rows for a {self.dim}-d context (need >= {self.dim}); set `lamb` > 0 or add "
                               "preserve concepts")
-        L, info = torch.linalg.cholesky_ex(self.B)
-        diag = L.diagonal()   # squared pivot ratio ~ 1 / condition number of B (checked in float64)
-        if info.item() != 0 or not torch.isfinite(diag).all() or (diag.min() / diag.max()) ** 2 < 1e-13:
-            raise ConfigError("the UCE system B is singular or too ill-conditioned to solve (rows linearly "
-                              f"dependent with `lamb` = {self.lam}): set `lamb` > 0 (e.g. 0.5) or add preserve "
-                              "concepts")
+        lam_min, singular_tol, solve_tol = self.solvability()
+        if not lam_min > singular_tol:   # also NaN
+            raise ConfigError("the UCE system B is singular (its smallest eigenvalue "
+                              f"{lam_min:.3g} is within round-off of 0, tolerance {singular_tol:.3g}: the key rows "
+                              f"are linearly dependent with `lamb` = {self.lam}): set `lamb` > 0 (e.g. 0.5) or "
+                              "add preserve concepts")
+        if not lam_min > solve_tol:
+            raise ConfigError(f"the UCE system B is too ill-conditioned for a {_name(self.dtype)} solve (smallest "
+                              f"eigenvalue {lam_min:.3g}, up to {solve_tol:.3g} is lost to rounding B): set "
+                              "`solve_dtype` to 'float64' or raise `lamb`")
+        L, info = torch.linalg.cholesky_ex(self.B.to(self.dtype))
+        if info.item() != 0:   # rounding inside the factorisation itself (B passed the checks above)
+            raise ConfigError(f"the Cholesky factorisation of the UCE system B failed in {_name(self.dtype)}: "
+                              "set `solve_dtype` to 'float64' or raise `lamb`")
         if sum(c.shape[0] for c in self._C) == 0:   # nothing to erase: the weights stay as they are
             return RightUpdate.identity(self.dim, self.dtype)
-        if self.dtype != torch.float64:
-            L, info = torch.linalg.cholesky_ex(self.B.to(self.dtype))
-            if info.item() != 0:
-                raise ConfigError("the UCE system B is too ill-conditioned for a float32 solve: set "
-                                  "`solve_dtype` to 'float64' or raise `lamb`")
         C = torch.cat(self._C).to(self.dtype)
         Q = torch.cholesky_solve(C.T, L).T          # C B^-1 (B symmetric): a solve, no explicit inverse
         P = torch.cat(self._P, dim=1).to(self.dtype)
@@ -158,6 +194,10 @@ class UCEFitter:
         if P.shape[1] >= self.dim:   # more erase rows than dimensions: T - I as a dense d x d factor
             return RightUpdate(P @ Q, torch.eye(self.dim, dtype=self.dtype))
         return RightUpdate(P, Q)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def kv_weights(pipe) -> dict[str, torch.Tensor]:

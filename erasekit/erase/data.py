@@ -118,30 +118,3 @@ def cycle_indices(n: int, batch_size: int, position: int, seed: int) -> torch.Te
         out.append(perms[epoch][j % n])
     return torch.stack(out)
 
-
-def canvas_label(concept: str) -> tuple[str, str] | None:
-    """``("style" | "object", label)`` when ``concept`` names a canvas style or object, else None."""
-    from ..canvas.world import OBJECTS, STYLES, check_label
-
-    for kind, labels in (("style", STYLES), ("object", OBJECTS)):
-        try:
-            return kind, labels[check_label(concept, labels, kind)]
-        except ValueError:
-            pass
-    return None
-
-
-def concept_prompts(concept: str) -> list[str]:
-    """Prompts that carry ``concept``: its UnlearnCanvas captions for a canvas label, else the concept itself.
-
-    canvas-mini's text encoder only ever saw captions, so a bare style name is out of its distribution.
-    """
-    from ..canvas.world import OBJECTS, STYLES, caption
-
-    found = canvas_label(concept)
-    if found is None:
-        return [concept]
-    kind, label = found
-    if kind == "style":
-        return [caption(o, label) for o in OBJECTS]
-    return [caption(label, s) for s in STYLES]

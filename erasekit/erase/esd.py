@@ -23,15 +23,13 @@ the original weights, as the diffusers rewrite does and as issue 5 asks (default
 
 Prompts: the reference conditions on the concept text itself and, for several concepts, samples
 one per iteration; here one (c, c_from) pair is sampled per iteration (:func:`esd_pairs`): by
-default c is each concept itself. canvas-mini's text encoder has only ever seen the UnlearnCanvas
-captions ``"A {object} image in {style} style."``, so a canvas style or object is erased with the
-rewrite's attribute form (``canvas_prompts="attribute"``, default): c_from is each of the label's
-ten captions (x_t is sampled from it and the trained model is conditioned on it) and c is the
-label's short text (``"Van Gogh style."``, ``"A Cats image."``), so the negative direction
-``eps*(c) - eps*("")`` carries the style and not the caption's object. ``canvas_prompts="caption"``
-uses the captions themselves as c; on canvas-mini that also erased the captions' objects (Van Gogh
-at lr 3e-4: UA 70 %, CRA 61 %) where the attribute form kept them (UA 100 %, CRA 91 % at lr 1e-3;
-benchmarks/sweeps/results/esd_*.jsonl).
+default c is each concept itself. When the model's preset provider (:mod:`erasekit.presets`) gives
+a concept its own prompts and a short attribute text (canvas-mini: the concept's captions and
+``"Van Gogh style."``), the concept is erased with the rewrite's attribute form
+(``prompt_form="attribute"``, default): c_from is each of those prompts (x_t is sampled from it and
+the trained model is conditioned on it) and c is the attribute text, so the negative direction
+``eps*(c) - eps*("")`` carries the concept and not the rest of the prompt. ``prompt_form="caption"``
+uses the prompts themselves as c (on canvas-mini that also erased the captions' objects; docs/presets.md).
 
 Parameter sets (esd.md section 3, :mod:`erasekit.erase.param_sets`): ``esd-x`` (cross-attention,
 default; styles, objects, celebrities), ``esd-u`` (everything else; nudity and global concepts),
@@ -42,19 +40,16 @@ Memory: eps* does not come from a second UNet. :meth:`Trainer.frozen` calls the 
 model costs a copy of the trained subset (ESD-x of SD 1.4: about 50 MB instead of 3.4 GB), and Adam
 state exists only for that subset; bf16 autocast and gradient checkpointing are engine options.
 
-Presets (``preset``; None fields take them):
+Presets (``preset``; None fields take them): ``auto`` asks the model's preset provider first
+(canvas-mini: ``canvas``, 400 steps at lr 1e-3 with 20 DDIM steps, measured there), else ``sd``,
+esd.md's toolkit defaults, with the parameter set by kind (esd.md section 3):
 
-=============  =====  =====  ==========  ===============  ======================================
-preset         steps  lr     ddim_steps  sample_guidance  use
-=============  =====  =====  ==========  ===============  ======================================
-``sd``         1000   1e-5   50          3.0              SD 1.x / 2.x / SDXL (esd.md defaults)
-``small``      400    1e-3   20          3.0              canvas-mini and other <= 256 px models
-=============  =====  =====  ==========  ===============  ======================================
+=============  =====  =====  ==========  ===============  ==========================================
+preset         steps  lr     ddim_steps  sample_guidance  param_set
+=============  =====  =====  ==========  ===============  ==========================================
+``sd``         1000   1e-5   50          3.0              ``esd-u`` for nudity, else ``esd-x``
+=============  =====  =====  ==========  ===============  ==========================================
 
-``auto`` picks ``small`` when the UNet's latent side is at most 32, else ``sd``. The ``small``
-values were chosen on canvas-mini so that a concept finishes in minutes on a 2-core CPU: over
-Van Gogh, Pop Art, Ukiyoe and Cubism (attribute form, eta 1) lr 3e-4 forgot 85 % on average, lr
-1e-3 92.5 % with IRA 93 % and CRA 94 % (benchmarks/sweeps/results/esd_attr.jsonl, GPU).
 Adam without weight decay, batch 1, one concept sampled per iteration; fp32 master weights.
 """
 
@@ -65,15 +60,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .data import canvas_label, concept_prompts
+from ..errors import ConfigError
+from ..presets import concept_context, world_preset_names
 from .engine import TrainConfig, Trainer
 from .param_sets import select_params
 from .registry import check, register
 
-PRESETS = {
-    "sd": dict(steps=1000, lr=1e-5, ddim_steps=50, sample_guidance=3.0),
-    "small": dict(steps=400, lr=1e-3, ddim_steps=20, sample_guidance=3.0),
-}
+PRESETS = {"sd": dict(steps=1000, lr=1e-5, ddim_steps=50, sample_guidance=3.0)}
+KIND_PARAM_SET = {"nudity": "esd-u"}   # esd.md section 3: ESD-u for global concepts, else ESD-x
 
 
 def eta_from_rewrite(eta_code: float) -> float:
@@ -86,22 +80,24 @@ class ESDConfig(TrainConfig):
     """Options of ESD (defaults: esd.md "Defaults (toolkit)"; None means "from the preset")."""
 
     eta: float = field(default=1.0, metadata={"help": "negative guidance, paper convention (rewrite's value - 1)"})
-    param_set: str = field(default="esd-x", metadata={"help": "esd-x, esd-u, esd-x-strict, full, xattn, noxattn"})
-    preset: str = field(default="auto", metadata={"help": "auto, sd or small (canvas-mini)"})
+    param_set: str | None = field(default=None, metadata={
+        "help": "esd-x, esd-u, esd-x-strict, full, xattn, noxattn (None: esd-u for nudity, else esd-x)"})
+    preset: str = field(default="auto", metadata={"help": "auto, sd, or a provider's (canvas-mini: canvas)"})
     sampler: str = field(default="frozen", metadata={"help": "who samples x_t: frozen (rewrite) or trained (paper)"})
     ddim_steps: int | None = field(default=None, metadata={"help": "DDIM steps of the x_t schedule"})
     sample_guidance: float | None = field(default=None, metadata={"help": "CFG scale when sampling x_t"})
     erase_from: str | list[str] | None = field(default=None, metadata={
         "help": "erase the concept from this broader prompt (or these, one sampled per iteration)"})
     prompts: list[str] | None = field(default=None, metadata={
-        "help": "prompts c that carry the concepts (default: each concept itself; canvas labels: their captions)"})
-    canvas_prompts: str = field(default="attribute", metadata={
-        "help": "canvas labels: attribute (erase the label's short text from each caption) or caption"})
+        "help": "prompts c that carry the concepts (default: the model's prompts of each concept, else itself)"})
+    prompt_form: str = field(default="attribute", metadata={
+        "help": "concepts with model prompts (canvas-mini: captions): attribute (erase the concept's short "
+                "text from each prompt) or caption (the whole prompt)"})
 
     def validate(self) -> None:
         super().validate()
-        check(self.preset in ("auto", *PRESETS), f"`preset` must be one of auto, {', '.join(PRESETS)} "
-                                                  f"but is {self.preset!r}")
+        names = ("auto", *PRESETS, *world_preset_names("esd"))
+        check(self.preset in names, f"`preset` must be one of {', '.join(names)} but is {self.preset!r}")
         check(self.sampler in ("frozen", "trained"), f"`sampler` must be 'frozen' or 'trained' but is {self.sampler!r}")
         check(self.ddim_steps is None or self.ddim_steps >= 1, f"`ddim_steps` must be >= 1 but is {self.ddim_steps}")
         check(self.sample_guidance is None or self.sample_guidance >= 0,
@@ -113,17 +109,23 @@ class ESDConfig(TrainConfig):
               or (isinstance(self.erase_from, list) and self.erase_from
                   and all(isinstance(p, str) and p.strip() for p in self.erase_from)),
               f"`erase_from` must be a prompt or a non-empty list of prompts but is {self.erase_from!r}")
-        check(self.canvas_prompts in ("attribute", "caption"),
-              f"`canvas_prompts` must be 'attribute' or 'caption' but is {self.canvas_prompts!r}")
+        check(self.prompt_form in ("attribute", "caption"),
+              f"`prompt_form` must be 'attribute' or 'caption' but is {self.prompt_form!r}")
         check(self.eta >= 0, f"`eta` must be >= 0 (paper convention; the rewrite's value minus 1) but is {self.eta}")
 
-    def resolved(self, pipe) -> dict:
-        """The preset name and every preset-controlled value for ``pipe``."""
-        name = self.preset
-        if name == "auto":
-            name = "small" if pipe.unet.config.sample_size <= 32 else "sd"
+    def resolved(self, ctx) -> dict:
+        """The preset name and every preset-controlled value for the concepts of ``ctx`` on its model."""
+        name = None if self.preset == "auto" else self.preset
+        found = ctx.ask("esd_preset", name)
+        if found is None:
+            name = name or "sd"
+            if name not in PRESETS:
+                raise ConfigError(f"`preset` must be auto or one of {', '.join(PRESETS)} for this model "
+                                  f"({ctx.provider.name} presets) but is {name!r}")
+            found = name, {**PRESETS[name], "param_set": KIND_PARAM_SET.get(ctx.kind, "esd-x")}
+        name, values = found
         out = {"preset": name}
-        for key, value in PRESETS[name].items():
+        for key, value in values.items():
             out[key] = getattr(self, key) if getattr(self, key) is not None else value
         return out
 
@@ -157,46 +159,36 @@ def sample_partway(predict, z, sched, k: int, ctx, guidance: float) -> torch.Ten
     return z
 
 
-def attribute_text(concept: str) -> str | None:
-    """A canvas label's short text, c of the attribute form ("Van Gogh style.", "A Cats image."); else None."""
-    from ..canvas.world import style_text
-
-    found = canvas_label(concept)
-    if found is None:
-        return None
-    kind, label = found
-    return f"{style_text(label)} style." if kind == "style" else f"A {label} image."
-
-
-def esd_pairs(concepts: list[str], config: ESDConfig) -> list[tuple[str, str | None]]:
+def esd_pairs(concepts: list[str], config: ESDConfig, ctx) -> list[tuple[str, str | None]]:
     """The (c, c_from) prompt pairs, one sampled per iteration; ``c_from`` None means c itself.
 
     Explicit ``prompts`` / ``erase_from`` pair every prompt with every broader prompt. Otherwise a
-    canvas label gets its captions: with ``canvas_prompts="attribute"`` each caption is c_from and
-    the label's short text (``"Van Gogh style."``, ``"A Cats image."``) is c; with ``"caption"``
-    each caption is c. Any other concept is c itself.
+    concept with prompts and an attribute text from the model's provider (``ctx``) gets its
+    prompts: with ``prompt_form="attribute"`` each prompt is c_from and the attribute text
+    (``"Van Gogh style."``) is c; with ``"caption"`` each prompt is c. Any other concept is c itself.
     """
     if config.prompts or config.erase_from:
-        prompts = config.prompts or [p for c in concepts for p in concept_prompts(c)]
+        prompts = config.prompts or [p for c in concepts for p in ctx.prompts(c)]
         sources = [config.erase_from] if isinstance(config.erase_from, str) else list(config.erase_from or [None])
         return [(c, f) for c in prompts for f in sources]
     pairs = []
     for concept in concepts:
-        short = attribute_text(concept)
-        if short is not None and config.canvas_prompts == "attribute":
-            pairs += [(short, cap) for cap in concept_prompts(concept)]
+        short = ctx.attribute(concept)
+        if short is not None and config.prompt_form == "attribute":
+            pairs += [(short, cap) for cap in ctx.prompts(concept)]
         else:
-            pairs += [(p, None) for p in concept_prompts(concept)]
+            pairs += [(p, None) for p in ctx.prompts(concept)]
     return pairs
 
 
-@register("esd", ESDConfig)
+@register("esd", ESDConfig, components=("unet",))
 def esd(pipe, concepts: list[str], config: ESDConfig):
     """Erase ``concepts`` with ESD; returns an Edit of the trained parameters (see module docstring)."""
     from ..pipelines import Context, FamilyAdapter
 
-    opts = config.resolved(pipe)
-    pairs = esd_pairs(concepts, config)
+    about = concept_context(pipe, concepts, config)
+    opts = config.resolved(about)
+    pairs = esd_pairs(concepts, config, about)
     texts = list(dict.fromkeys(t for pair in pairs for t in pair if t is not None))
     ctx = FamilyAdapter(pipe).encode(["", *texts])  # every prompt encoded once
     uncond, row = ctx[0:1], {t: 1 + i for i, t in enumerate(texts)}
@@ -205,7 +197,7 @@ def esd(pipe, concepts: list[str], config: ESDConfig):
     unet, sched = pipe.unet, _ddim(pipe, opts["ddim_steps"])
     shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
-    with Trainer(pipe, select_params(pipe, config.param_set), config, steps=opts["steps"], lr=opts["lr"]) as tr:
+    with Trainer(pipe, select_params(pipe, opts["param_set"]), config, steps=opts["steps"], lr=opts["lr"]) as tr:
         def predict_frozen(z, t, c):
             return tr.frozen(unet, z, t, **c.unet_kwargs(pipe)).sample
 
@@ -229,5 +221,7 @@ def esd(pipe, concepts: list[str], config: ESDConfig):
             return F.mse_loss(e_n.float(), target)
 
         return tr.fit(loss_fn, manifest={"resolved": opts, "eta_convention": "paper",
-                                         "canvas_prompts": config.canvas_prompts,
-                                         "pairs": [{"c": c, "c_from": f} for c, f in pairs]})
+                                         "prompt_form": config.prompt_form,
+                                         "pairs": [{"c": c, "c_from": f} for c, f in pairs],
+                                         **about.record(opts["preset"], {**opts, "eta": config.eta,
+                                                                         "prompt_form": config.prompt_form})})

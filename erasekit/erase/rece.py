@@ -34,11 +34,12 @@ import torch
 from ..errors import ConfigError
 from .closed_form import SOLVE_DTYPES, RightUpdate, UCEFitter, build_edit, kv_weights
 from .registry import check, register
+from ..presets import concept_context
 from .uce import PromptEncoder, UCEConfig, preserve_prompts, prompt_pairs, resolve, uce_fitter
 
-# preset -> (lam_r, epochs); closed-form.md section 5
+# UCE preset -> (lam_r, epochs); closed-form.md section 5. A model's provider may name its own presets'.
 RECE_DEFAULTS = {"nudity": (0.1, 3), "style": (1e-3, 1), "artist": (1e-3, 1), "object": (0.1, 1),
-                 "default": (0.1, 1), "canvas-style": (1e-3, 1), "canvas-object": (0.1, 1)}
+                 "default": (0.1, 1)}
 
 
 @dataclass
@@ -98,7 +99,7 @@ def judge_score(pipe, judge, concepts: list[str], prompts: list[list[str]], seed
     return sum(rates) / len(rates)
 
 
-@register("rece", RECEConfig)
+@register("rece", RECEConfig, components=("unet",))
 def rece(pipe, concepts: list[str], config: RECEConfig):
     """Erase ``concepts`` with RECE; returns an Edit of every cross-attention to_k / to_v.
 
@@ -112,8 +113,9 @@ def rece(pipe, concepts: list[str], config: RECEConfig):
     """
     from ..pipelines import FamilyAdapter
 
-    s = resolve(config, concepts)
-    lam_r, epochs = RECE_DEFAULTS[s.preset]
+    ctx = concept_context(pipe, concepts, config)
+    s = resolve(config, concepts, ctx=ctx)
+    lam_r, epochs = ctx.ask("rece_defaults", s.preset) or RECE_DEFAULTS[s.preset]
     lam_r = config.regular_scale if config.regular_scale is not None else lam_r
     epochs = config.epochs if config.epochs is not None else epochs
     if config.judge is not None:
@@ -140,8 +142,9 @@ def rece(pipe, concepts: list[str], config: RECEConfig):
         if score == 0:
             break
     _, X, best_epoch = best
-    manifest = {"resolved": {**s.to_dict(), "regular_scale": lam_r, "epochs": epochs},
-                "history": history, "best_epoch": best_epoch, "delta_rank_bound": X.rank}
+    resolved = {**s.to_dict(), "regular_scale": lam_r, "epochs": epochs}
+    manifest = {"resolved": resolved, "history": history, "best_epoch": best_epoch, "delta_rank_bound": X.rank,
+                **ctx.record(s.preset, {k: v for k, v in resolved.items() if k not in ("preset", "concepts")})}
     return build_edit(pipe, W_old, X, manifest)
 
 

@@ -9,12 +9,35 @@ caller.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Callable
 
+from ..config import MethodConfig as _BaseConfig
+from ..config import check, make_config  # noqa: F401  (the method modules import them from here)
 from ..errors import ConfigError
+from ..presets import KINDS
+
+
+@dataclass
+class MethodConfig(_BaseConfig):
+    """Base of every erasure method's config: the options every method shares, about its concepts.
+
+    ``kind`` selects the presets (:mod:`erasekit.presets`); ``allow_unknown_concept`` lets a model
+    with a closed world (canvas-mini) erase a concept outside it.
+    """
+
+    kind: str | None = field(default=None, metadata={
+        "help": "the concepts' kind: style, object, nudity or other (None: guessed; the presets follow it)"})
+    allow_unknown_concept: bool = field(default=False, metadata={
+        "help": "erase a concept the model's world does not know (canvas-mini refuses it otherwise)"})
+
+    def __post_init__(self):
+        check(self.kind is None or self.kind in KINDS,
+              f"`kind` must be one of {', '.join(KINDS)} or None (guessed) but is {self.kind!r}")
+        check(isinstance(self.allow_unknown_concept, bool),
+              f"`allow_unknown_concept` must be True or False but is {self.allow_unknown_concept!r}")
+        super().__post_init__()
 
 _REGISTRY: dict[str, tuple[type, Callable]] = {}
 # Methods live in their own modules, imported on first use so `import erasekit` stays light.
@@ -22,40 +45,18 @@ _MODULES = {"uce": "uce", "rece": "rece", "esd": "esd", "salun": "salun", "advun
             "sfd": "sfd"}
 
 
-@dataclass
-class MethodConfig:
-    """Base of every method's config. Fields carry their help text in ``metadata["help"]``."""
+def register(name: str, config_cls: type[MethodConfig], components: tuple[str, ...] | None = None):
+    """Decorator: register ``fn(pipe, concepts, config) -> Edit`` under ``name``.
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the field on a bad value (override in subclasses)."""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def options(cls) -> list[tuple[str, object, str]]:
-        """(name, default, help) of every option, for ``erasekit methods`` and ``--help``."""
-        out = []
-        for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            out.append((f.name, default, f.metadata.get("help", "")))
-        return out
-
-
-def check(cond: bool, message: str) -> None:
-    """Raise :class:`ConfigError` with ``message`` unless ``cond``."""
-    if not cond:
-        raise ConfigError(message)
-
-
-def register(name: str, config_cls: type[MethodConfig]):
-    """Decorator: register ``fn(pipe, concepts, config) -> Edit`` under ``name``."""
+    ``components``: the pipeline components its Edits change (e.g. ``("unet",)``). Declared, they are
+    enforced: :func:`erase` refuses an Edit that changes anything else, and so does ``Edit.load``
+    for a file that names this method.
+    """
+    from ..pipelines.edit import declare_components
 
     def deco(fn: Callable) -> Callable:
+        if components is not None:
+            declare_components(name, components)
         _REGISTRY[name] = (config_cls, fn)
         fn.config_class = config_cls
         return fn
@@ -75,15 +76,6 @@ def get_method(name: str) -> tuple[type[MethodConfig], Callable]:
 def methods() -> dict[str, type[MethodConfig]]:
     """Every available method name with its config class."""
     return {name: get_method(name)[0] for name in sorted(_MODULES)}
-
-
-def make_config(config_cls: type[MethodConfig], options: dict) -> MethodConfig:
-    valid = {f.name for f in fields(config_cls)}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise ConfigError(f"{config_cls.__name__} has no option {unknown[0]!r}; valid options: "
-                          f"{', '.join(sorted(valid))}")
-    return config_cls(**options)
 
 
 def normalize_concepts(concepts) -> list[str]:
@@ -122,7 +114,9 @@ def erase(pipe, method: str, concepts, config: MethodConfig | None = None, **opt
     elif not isinstance(config, config_cls):
         raise ConfigError(f"config must be a {config_cls.__name__} for method {method!r}, "
                           f"not {type(config).__name__}")
-    with measure(pipe.unet.device) as usage:
+    from .engine import run_scope  # training methods key their automatic checkpoints by this run
+
+    with measure(pipe.unet.device) as usage, run_scope(method.lower(), concepts):
         edit = fn(pipe, concepts, config)
     from ..pipelines.family import detect_family
 
@@ -132,4 +126,10 @@ def erase(pipe, method: str, concepts, config: MethodConfig | None = None, **opt
         "peak_memory_bytes": usage.peak_memory_bytes, "memory_kind": usage.memory_kind,
         "dtype": str(pipe.unet.dtype).replace("torch.", ""),
     })
+    from ..pipelines.edit import declared_components, undeclared_keys
+
+    outside = undeclared_keys(method, edit.keys)
+    if outside:
+        raise ConfigError(f"method {method!r} changes only {', '.join(declared_components(method))}, but this run "
+                          f"changed {outside[0]!r}: choose options (e.g. `param_set`) within those components")
     return edit

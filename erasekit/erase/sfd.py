@@ -12,8 +12,10 @@ model. The reference's SD generator is the SiD-LSG one-step SD 1.5 checkpoint; g
 (or a previous run's Edit) as ``generator_init``. Without one, stage 1 makes it here: plain SiD
 distillation of the retain prompts (``distill_iterations``, no forgetting term), G and psi starting
 from the teacher (the reference's one-stage DDPM initialisation). The two stages share every other
-option and checkpoint into ``checkpoint_dir``/stage1 and /stage2. A plain run (``forget_batch_size=0``)
-is a stage 1 by itself: its ``iterations`` only.
+option. A plain run (``forget_batch_size=0``) is a stage 1 by itself: its ``iterations`` only.
+Both stages train on the shared engine (:mod:`erasekit.erase.engine`): mixed precision, gradient
+checkpointing, the seed and the checkpoints are its options (:class:`~erasekit.erase.engine.RunConfig`);
+a named ``checkpoint_dir`` holds one folder per stage (``stage1``, ``stage2``).
 
 Each iteration alternates 1 : 1 (section 4), noising x_t = a_t x_g + b_t eps with t ~ U{t_min..t_max}:
 
@@ -39,13 +41,14 @@ the teacher (u = "", or ``negative_prompt`` on the forget side); none at samplin
 
 The safe condition c_o is the forget prompt with the concept's words replaced (case-insensitively)
 by ``override`` (the reference's celebrity recipe: "brad pitt" -> "a middle aged man"), or given
-per prompt as ``safe_prompts``. For a canvas-mini style or object with ``override=None`` the safe
-concept is another canvas label of the same kind that is not being forgotten: by default
-(``pseudo_label="next"``) the next one in the world's list, fixed for the run, as the reference's
-shipped configurations fix one override (DDPM class 0 -> class 1, "brad pitt" -> "a middle aged
-man"); ``pseudo_label="rand"`` draws one per sample (the reference DDPM's ``pseudo_label_type="rand"``),
-which on canvas-mini forgets less and costs the other styles more (a moving target: README, SFD).
-The prompts are the canvas captions (every unique template).
+per prompt as ``safe_prompts``. With ``override=None`` the model's preset provider
+(:mod:`erasekit.presets`) may name the safe concepts and the prompts: on canvas-mini another label
+of the same kind that is not being forgotten, by default (``pseudo_label="next"``) the next one in
+the world's list, fixed for the run, as the reference's shipped configurations fix one override
+(DDPM class 0 -> class 1, "brad pitt" -> "a middle aged man"); ``pseudo_label="rand"`` draws one per
+sample (the reference DDPM's ``pseudo_label_type="rand"``), which on canvas-mini forgets less and
+costs the other styles more (a moving target: README, SFD); the prompts are its captions (every
+unique template). On other models the concept is replaced by "" and ``retain_prompts`` is required.
 
 Defaults are for canvas-mini on a 2-core CPU; the reference values, for comparison:
 
@@ -74,19 +77,17 @@ uses 0.01) and the fixed ``pseudo_label`` "next" on canvas concepts.
 from __future__ import annotations
 
 import copy
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError
 from ..pipelines.family import Context
-from .data import canvas_label
-from .registry import MethodConfig, check, register
-
-_RUN_FIELDS_EXCLUDED = ("iterations", "checkpoint_dir", "checkpoint_every", "progress")
+from ..presets import concept_context
+from .engine import AUTO, RunConfig, Trainer
+from .registry import check, register
 
 
 def _f(default, help: str):
@@ -94,8 +95,12 @@ def _f(default, help: str):
 
 
 @dataclass
-class SFDConfig(MethodConfig):
-    """Options of :func:`sfd` (see the module docstring for the equations and reference values)."""
+class SFDConfig(RunConfig):
+    """Options of :func:`sfd` (see the module docstring for the equations and reference values).
+
+    The engine's options (mixed precision, gradient checkpointing of all three UNets, seed of z, t,
+    eps, prompt choice and dropout, checkpoints, progress) come from :class:`RunConfig`.
+    """
 
     iterations: int = _f(200, "alternating psi/theta iterations of SFD (stage 2)")
     distill_iterations: int = _f(400, "stage 1 without `generator_init`: plain SiD distillation iterations "
@@ -122,28 +127,25 @@ class SFDConfig(MethodConfig):
     grad_clip: float = _f(1.0, "element-wise gradient value clip of both networks (0 = off)")
     ema_decay: float = _f(0.0, "EMA of the generator weights (0 = off, as the SD recipe)")
     forget_prompts: tuple[str, ...] | None = _f(None, "prompts showing the concept ('{}' = the concept); "
-                                                      "None: canvas captions, else the concept itself")
+                                                      "None: the model's prompts of the concept (canvas-mini: "
+                                                      "its captions), else the concept itself")
     safe_prompts: tuple[str, ...] | None = _f(None, "the teacher's prompt c_o for each forget prompt "
                                                     "(instead of replacing the concept by `override`)")
-    retain_prompts: tuple[str, ...] | None = _f(None, "prompts to keep (C_r); None: canvas captions of the "
-                                                      "other concepts (required for other concepts)")
-    override: str | None = _f(None, "text replacing the concept in c_o, e.g. 'a middle aged man'; None: "
-                                    "another canvas label (see `pseudo_label`) or '' (other concepts)")
-    pseudo_label: str = _f("next", "safe canvas label when `override` is None: 'next' = the next retained label "
-                                   "of the same kind, fixed; 'rand' = a random retained label per sample")
+    retain_prompts: tuple[str, ...] | None = _f(None, "prompts to keep (C_r); None: the model's prompts of "
+                                                      "other concepts (canvas-mini's captions; required elsewhere)")
+    override: str | None = _f(None, "text replacing the concept in c_o, e.g. 'a middle aged man'; None: the "
+                                    "model's safe concept (canvas-mini: another label, see `pseudo_label`) or ''")
+    pseudo_label: str = _f("next", "safe label when `override` is None on a model with labels (canvas-mini): "
+                                   "'next' = the next retained label of the same kind, fixed; 'rand' = a random "
+                                   "retained label per sample")
     generator_init: str | None = _f(None, "start G from a one-step generator: an SFD/SiD Edit file (e.g. a "
                                           "stage-1 run with forget_batch_size=0) or a diffusers UNet folder")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 autocast (fp32 master weights either way)")
-    gradient_checkpointing: bool = _f(False, "gradient checkpointing on all three UNets (SD on a GPU)")
-    checkpoint_dir: str | None = _f(None, "folder for a resumable checkpoint (safetensors)")
-    checkpoint_every: int = _f(200, "iterations between checkpoints")
-    seed: int = _f(0, "seed of z, t, eps, prompt choice and dropout")
-    progress: bool = _f(True, "show a progress bar")
 
     def validate(self) -> None:
+        super().validate()
         for name in ("iterations", "distill_iterations", "forget_batch_size", "t_min"):
             check(getattr(self, name) >= 0, f"`{name}` must be >= 0 but is {getattr(self, name)}")
-        for name in ("batch_size", "t_init", "checkpoint_every"):
+        for name in ("batch_size", "t_init"):
             check(getattr(self, name) >= 1, f"`{name}` must be >= 1 but is {getattr(self, name)}")
         for name in ("lr_psi", "lr_theta", "adam_eps", "kappa"):
             check(getattr(self, name) > 0, f"`{name}` must be > 0 but is {getattr(self, name)}")
@@ -156,8 +158,6 @@ class SFDConfig(MethodConfig):
         check(0 <= self.ema_decay < 1, f"`ema_decay` must be in [0, 1) but is {self.ema_decay}")
         check(self.pseudo_label in ("next", "rand"),
               f"`pseudo_label` must be 'next' or 'rand' but is {self.pseudo_label!r}")
-        check(self.mixed_precision in ("no", "bf16", "fp16"),
-              f"`mixed_precision` must be 'no', 'bf16' or 'fp16' but is {self.mixed_precision!r}")
         for name in ("forget_prompts", "safe_prompts", "retain_prompts"):
             value = getattr(self, name)
             check(value is None or (not isinstance(value, str) and len(value) > 0),
@@ -189,45 +189,32 @@ class PromptSets:
         return re.sub(r"\s+", " ", prompt).strip()
 
 
-def prompt_sets(concepts: list[str], config: SFDConfig) -> PromptSets:
-    """Build c_f, c_o and C_r from the concepts and the config (canvas-mini captions by default)."""
-    from ..canvas.world import OBJECTS, PARAPHRASES, STYLES, caption, style_text
+def prompt_sets(concepts: list[str], config: SFDConfig, ctx=None) -> PromptSets:
+    """Build c_f, c_o and C_r from the concepts and the config (``ctx``: the concepts on a model).
 
-    labels = {c: canvas_label(c) for c in concepts}
-    canvas = all(labels.values())
-    words = {c: style_text(labels[c][1]) if labels[c] else c for c in concepts}
-    gone = {lab for lab in labels.values() if lab}
-    templates = list(dict.fromkeys(PARAPHRASES))
-    cells = [(o, s, tpl) for o in OBJECTS for s in STYLES for tpl in templates]
+    The model's provider may give each concept its words, its safe choices and the forget / retain
+    prompts (canvas-mini: captions over every paraphrase template, the next retained label of the
+    same kind); otherwise the concept itself is c_f, '' replaces it in c_o and C_r must be given.
+    """
+    ctx = ctx or concept_context(None, concepts, config)
+    world = ctx.ask("sfd_prompts", config.pseudo_label, config.override is None) or {}
+    words = world.get("words") or {c: c for c in concepts}
     if config.forget_prompts is not None:
         forget = [p.format(words[c]) for p in config.forget_prompts for c in concepts] if any(
             "{}" in p for p in config.forget_prompts) else list(config.forget_prompts)
-    elif canvas:
-        forget = [caption(o, s, tpl) for o, s, tpl in cells if {("object", o), ("style", s)} & gone]
     else:
-        forget = [words[c] for c in concepts]
+        forget = world.get("forget") or [words[c] for c in concepts]
     if config.retain_prompts is not None:
         retain = list(config.retain_prompts)
-    elif canvas:
-        retain = [caption(o, s, tpl) for o, s, tpl in cells if not {("object", o), ("style", s)} & gone]
+    elif world.get("retain") is not None:
+        retain = world["retain"]
     else:
-        raise ConfigError(f"`retain_prompts` is required for concepts outside the canvas world ({concepts}): "
-                          "give prompts the generator must keep, e.g. LAION captions")
+        raise ConfigError(f"`retain_prompts` is required for {concepts} on this model ({ctx.provider.name} "
+                          "presets have no retain prompts for them): give prompts the generator must keep, "
+                          "e.g. LAION captions")
     sets = PromptSets(forget, retain, list(config.safe_prompts) if config.safe_prompts else None)
     for c in concepts:
-        if config.override is not None:
-            choices = [config.override]
-        elif labels[c]:
-            kind, label = labels[c]
-            pool = STYLES if kind == "style" else OBJECTS
-            i = pool.index(label)
-            kept = [x for x in pool[i + 1:] + pool[:i] if (kind, x) not in gone]  # the next label first
-            if not kept:
-                raise ConfigError(f"every canvas {kind} is being forgotten, so none is left as the safe concept: "
-                                  "give `override` or `safe_prompts`")
-            choices = [style_text(x) for x in (kept[:1] if config.pseudo_label == "next" else kept)]
-        else:
-            choices = [""]
+        choices = [config.override] if config.override is not None else world.get("choices", {}).get(c, [""])
         sets.swaps.append((re.compile(re.escape(words[c]), re.IGNORECASE), choices))
     if sets.safe is None:
         missing = [p for p in forget if not any(pat.search(p) for pat, _ in sets.swaps)]
@@ -297,17 +284,18 @@ class SFDTrainer:
     """The three networks, both optimisers and the alternation; ``with SFDTrainer(...) as tr: tr.train()``.
 
     The teacher is the pipeline's UNet: frozen for the duration of the ``with`` block (its
-    ``requires_grad`` flags are restored on exit) and never stepped.
+    ``requires_grad`` flags are restored on exit) and never stepped. The loop, precision, seeding
+    (one generator stream, ``seed + rank``), checkpoints and resume are the shared engine's
+    (:class:`~erasekit.erase.engine.Trainer` over the networks ``psi``, ``G`` and the EMA, if kept).
     """
 
     def __init__(self, pipe, concepts: list[str], config: SFDConfig, generator: dict | None = None):
-        from accelerate import Accelerator
-
         from ..pipelines.family import FamilyAdapter
         from ..pipelines.one_step import alphas_cumprod
 
         self.pipe, self.config, self.concepts = pipe, config, list(concepts)
-        self.prompts = prompt_sets(self.concepts, config)
+        self.ctx = concept_context(pipe, self.concepts, config)
+        self.prompts = prompt_sets(self.concepts, config, self.ctx)
         self.adapter = FamilyAdapter(pipe)
         self.teacher = pipe.unet
         self.abar = alphas_cumprod(pipe.scheduler)
@@ -315,45 +303,37 @@ class SFDTrainer:
         check(config.t_init < n and config.t_max < n,
               f"`t_init` and `t_max` must be < {n} (the schedule's length) but are {config.t_init}, {config.t_max}")
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                                       cpu=pipe.unet.device.type == "cpu")
-        psi, gen = (copy.deepcopy(self.teacher).float().train() for _ in range(2))
-        for net in (psi, gen):
-            net.requires_grad_(True)
+        self.psi, self.G = (copy.deepcopy(self.teacher).float().train() for _ in range(2))
         kw = dict(betas=tuple(config.adam_betas), eps=config.adam_eps)
-        opt_psi = torch.optim.Adam(psi.parameters(), lr=config.lr_psi, **kw)
-        opt_g = torch.optim.Adam(gen.parameters(), lr=config.lr_theta, **kw)
-        self.psi, self.opt_psi, self.G, self.opt_G = self.accelerator.prepare(psi, opt_psi, gen, opt_g)
+        optimizers = {"psi": torch.optim.Adam(self.psi.parameters(), lr=config.lr_psi, **kw),
+                      "G": torch.optim.Adam(self.G.parameters(), lr=config.lr_theta, **kw)}
         if generator is not None:  # stage 1's generator (the UNet's state dict)
-            self._unwrap(self.G).load_state_dict(generator)
+            self.G.load_state_dict(generator)
         elif config.generator_init:
-            _load_generator(gen, config.generator_init, pipe, config.t_init)
-        self.ema = copy.deepcopy(gen).requires_grad_(False) if config.ema_decay > 0 else None
-        self.device = self.accelerator.device
-        self.abar = self.abar.to(self.device)
-        self.rng = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
-        self.step, self.last = 0, {}
+            _load_generator(self.G, config.generator_init, pipe, config.t_init)
+        self.ema = copy.deepcopy(self.G).requires_grad_(False) if config.ema_decay > 0 else None
+        networks = {"psi": self.psi, "G": self.G, **({"ema": self.ema} if self.ema is not None else {})}
+        signature = {**{k: v for k, v in config.to_dict().items() if k != "iterations"}, "concepts": self.concepts}
+        self.engine = Trainer(pipe, {}, config, steps=config.iterations, signature=signature, networks=networks,
+                              optimizers=optimizers, grad_through=("unet",), stream_rng=True)
+        self.last: dict = {}
         self._empty = self.adapter.encode([""])
         self._negative = self.adapter.encode([config.negative_prompt])
 
     # -- the frozen teacher -----------------------------------------------------------------------
     def __enter__(self) -> "SFDTrainer":
-        self._flags = [p.requires_grad for p in self.teacher.parameters()]
-        self._teacher_ckpt = getattr(self.teacher, "is_gradient_checkpointing", False)
-        self.teacher.requires_grad_(False)
-        if self.config.gradient_checkpointing:
-            for net in (self.teacher, self._unwrap(self.psi), self._unwrap(self.G)):
-                net.enable_gradient_checkpointing()
+        self.engine.__enter__()
+        self.device, self.rng = self.engine.device, self.engine.rng
+        self.abar = self.abar.to(self.device)
         return self
 
     def __exit__(self, *exc) -> None:
-        for p, flag in zip(self.teacher.parameters(), self._flags):
-            p.requires_grad_(flag)
-        if self.config.gradient_checkpointing and not self._teacher_ckpt:
-            self.teacher.disable_gradient_checkpointing()
+        self.engine.__exit__(*exc)
 
-    def _unwrap(self, net):
-        return self.accelerator.unwrap_model(net)
+    @property
+    def step(self) -> int:
+        """Iterations done (resumed ones included)."""
+        return self.engine.step
 
     # -- conditions and noise -----------------------------------------------------------------------
     def _randint(self, high: int, n: int, low: int = 0) -> list[int]:
@@ -387,21 +367,21 @@ class SFDTrainer:
         """x_g = G_theta(z, c) (with or without gradient)."""
         from ..pipelines.one_step import one_step_latents
 
-        with torch.set_grad_enabled(grad), self.accelerator.autocast():
+        with torch.set_grad_enabled(grad), self.engine.autocast():
             return one_step_latents(self.G, z, ctx, self.config.t_init, self.abar, self.pipe,
-                                    self.prediction_type)
+                                    self.prediction_type).float()
 
     def guided(self, unet, x_t: torch.Tensor, t: torch.Tensor, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, eps) of eps^kappa(x_t; c, u) = eps(x_t, u) + kappa (eps(x_t, c) - eps(x_t, u))."""
         from ..pipelines.one_step import to_x0_eps, unet_output
 
         kappa = self.config.kappa
-        with self.accelerator.autocast():
+        with self.engine.autocast():
             if kappa == 1.0:
-                out = unet_output(unet, x_t, t, cond, self.pipe)
+                out = unet_output(unet, x_t, t, cond, self.pipe).float()
             else:
                 both = unet_output(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), Context.cat([uncond, cond]),
-                                   self.pipe)
+                                   self.pipe).float()
                 out_u, out_c = both.chunk(2)
                 out = out_u + kappa * (out_c - out_u)
         a, b = self._ab(t)
@@ -428,105 +408,48 @@ class SFDTrainer:
         x_g = self.generate(batch.z, batch.gen, grad=True)
         a, b = self._ab(batch.t)
         x_t = a * x_g + b * batch.eps
-        psi = self._unwrap(self.psi)  # frozen here; called outside DDP, which expects no gradients
         with torch.set_grad_enabled(not cfg.stop_gradient):
             x_in = x_t.detach() if cfg.stop_gradient else x_t
             f_phi, _ = self.guided(self.teacher, x_in, batch.t, batch.teacher, batch.uncond)
-            f_psi, _ = self.guided(psi, x_in, batch.t, batch.gen, batch.uncond)
+            f_psi, _ = self.guided(self.psi, x_in, batch.t, batch.gen, batch.uncond)
         per = sid_loss(x_g, f_phi, f_psi, cfg.alpha)
         remain, forget = _split_mean(per, batch.n_retain)
         return cfg.lam_g_r * remain + cfg.lam_g_f * forget, {"g_r": remain.item(), "g_mu": forget.item()}
 
     # -- the alternation ------------------------------------------------------------------------------
-    def _update(self, net, opt, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise TrainingError(f"SFD: non-finite loss at iteration {self.step}; lower lr_psi / lr_theta")
-        self.accelerator.backward(loss)
-        for p in net.parameters():
+    def _clean_grads(self, params: list) -> None:
+        """Non-finite gradient entries to 0, then the element-wise value clip (sfd.md section 4)."""
+        for p in params:
             if p.grad is not None:
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
         if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_value_(net.parameters(), self.config.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_value_(params, self.config.grad_clip)
 
     def train_step(self) -> dict:
         """One iteration: a fake-score step, then a generator step with psi frozen (1 : 1)."""
         loss_psi, log = self.fake_score_loss(self.draw())
-        self._update(self.psi, self.opt_psi, loss_psi)
-        psi = self._unwrap(self.psi).requires_grad_(False)
+        self.engine.update("psi", loss_psi, self._clean_grads)
+        self.psi.requires_grad_(False)
         try:
             loss_g, log_g = self.generator_loss(self.draw())
-            self._update(self.G, self.opt_G, loss_g)
+            self.engine.update("G", loss_g, self._clean_grads)
         finally:
-            psi.requires_grad_(True)
+            self.psi.requires_grad_(True)
         if self.ema is not None:
             with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self._unwrap(self.G).parameters()):
+                for e, p in zip(self.ema.parameters(), self.G.parameters()):
                     e.lerp_(p, 1 - self.config.ema_decay)
-        self.step += 1
         self.last = {**log, **log_g}
         return self.last
 
     def train(self) -> None:
-        """Run (or resume) to ``config.iterations``, checkpointing into ``config.checkpoint_dir``."""
-        from tqdm.auto import tqdm
-
-        cfg = self.config
-        path = Path(cfg.checkpoint_dir) / "sfd-state.safetensors" if cfg.checkpoint_dir else None
-        if path is not None and path.exists():
-            self.load_state(path)
-        bar = tqdm(total=cfg.iterations, initial=self.step, desc="sfd",
-                   disable=not (cfg.progress and self.accelerator.is_local_main_process))
-        while self.step < cfg.iterations:
-            bar.set_postfix({k: f"{v:.3g}" for k, v in self.train_step().items()}, refresh=False)
-            bar.update()
-            if path is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations):
-                self.save_state(path)
-        bar.close()
-
-    # -- checkpoints (safetensors only) ---------------------------------------------------------------
-    def _run_key(self) -> str:
-        cfg = {k: v for k, v in self.config.to_dict().items() if k not in _RUN_FIELDS_EXCLUDED}
-        return json.dumps({"concepts": self.concepts, "config": cfg}, sort_keys=True, default=list)
-
-    def _modules(self) -> dict:
-        mods = {"G": self._unwrap(self.G), "psi": self._unwrap(self.psi)}
-        return {**mods, "ema": self.ema} if self.ema is not None else mods
-
-    def save_state(self, path: Path) -> None:
-        from .._io import optimizer_tensors, save_tensors
-
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return
-        tensors = {f"{n}.{k}": v for n, m in self._modules().items() for k, v in m.state_dict().items()}
-        meta = {"step": self.step, "run": self._run_key()}
-        for name, opt in (("opt_psi", self.opt_psi), ("opt_G", self.opt_G)):
-            t, scalars = optimizer_tensors(opt, name)
-            tensors.update(t)
-            meta[name] = scalars
-        tensors["rng"] = self.rng.get_state()
-        save_tensors(path, tensors, meta)
-
-    def load_state(self, path: Path) -> None:
-        from .._io import load_optimizer_tensors, load_tensors
-
-        tensors, meta = load_tensors(path)
-        if meta.get("run") != self._run_key():
-            raise ConfigError(f"{path} holds an SFD run with other concepts or options: resume with the same "
-                              "ones, or give a new `checkpoint_dir`")
-        for n, m in self._modules().items():
-            m.load_state_dict({k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")})
-        for name, opt in (("opt_psi", self.opt_psi), ("opt_G", self.opt_G)):
-            load_optimizer_tensors(opt, tensors, json.loads(meta[name]), name)
-        self.rng.set_state(tensors["rng"])
-        self.step = int(meta["step"])
+        """Run (or resume, from the engine's checkpoint) to ``config.iterations``."""
+        self.engine.run(lambda step: self.train_step(), desc="sfd")
 
     # -- the result -------------------------------------------------------------------------------------
     def generator(self):
         """The generator's UNet (its EMA when kept)."""
-        return self.ema if self.ema is not None else self._unwrap(self.G)
+        return self.ema if self.ema is not None else self.G
 
     def edit(self, **manifest_extra):
         """The generator as an Edit replacing every UNet weight; its manifest asks for the one-step sampler."""
@@ -537,6 +460,7 @@ class SFDTrainer:
         new = {f"unet/{name}": p.detach() for name, p in gen.named_parameters()}
         manifest = {"sampler": ONE_STEP, "generator_timestep": self.config.t_init,
                     "prediction_type": self.prediction_type, "iterations_run": self.step,
+                    "resumed_from": self.engine.resumed_from,
                     "loss": "stop_gradient" if self.config.stop_gradient else "sid",
                     "safe_concepts": None if self.prompts.safe is not None else {
                         c: choices for c, (_, choices) in zip(self.concepts, self.prompts.swaps)},
@@ -544,7 +468,7 @@ class SFDTrainer:
         return Edit.from_weights(self.pipe, new, manifest, low_rank=False)
 
 
-@register("sfd", SFDConfig)
+@register("sfd", SFDConfig, components=("unet",))
 def sfd(pipe, concepts: list[str], config: SFDConfig):
     """Score Forgetting Distillation: distil ``pipe`` into a one-step generator that forgets ``concepts``.
 
@@ -557,7 +481,8 @@ def sfd(pipe, concepts: list[str], config: SFDConfig):
     from dataclasses import replace
 
     def stage_dir(name: str) -> str | None:
-        return None if config.checkpoint_dir is None else str(Path(config.checkpoint_dir) / name)
+        d = config.checkpoint_dir
+        return d if d in (None, AUTO) else str(Path(d) / name)  # "auto": the stages' keys differ already
 
     generator, distilled = None, None
     if config.generator_init is None and config.distill_iterations > 0 and config.forget_batch_size > 0:
@@ -570,4 +495,20 @@ def sfd(pipe, concepts: list[str], config: SFDConfig):
         config = replace(config, checkpoint_dir=stage_dir("stage2"))
     with SFDTrainer(pipe, concepts, config, generator) as trainer:
         trainer.train()
-        return trainer.edit(distill_iterations_run=distilled)
+        edit = trainer.edit(distill_iterations_run=distilled)
+        record = _preset_record(trainer)
+        edit.manifest.update(record)
+        edit.manifest.setdefault("resolved", record["preset"]["values"])
+        return edit
+
+
+def _preset_record(trainer: SFDTrainer) -> dict:
+    """The manifest's kind and preset entries: whose prompts were used and every numeric option."""
+    cfg, ctx, sets = trainer.config, trainer.ctx, trainer.prompts
+    keys = ("iterations", "distill_iterations", "batch_size", "forget_batch_size", "lr_psi", "lr_theta", "alpha",
+            "lam_g_r", "lam_g_f", "lam_sg_r", "lam_sg_f", "t_init", "t_min", "t_max", "kappa", "cfg_dropout",
+            "pseudo_label")
+    values = {**{k: getattr(cfg, k) for k in keys}, "forget_prompts": len(sets.forget),
+              "retain_prompts": len(sets.retain)}
+    name = (ctx.ask("sfd_prompts", cfg.pseudo_label, False) or {}).get("preset", "reference")
+    return ctx.record(name, values)

@@ -9,35 +9,27 @@ where ``c_i`` are text-embedding rows of a concept to erase, ``g_i`` the aligned
 ("art" for artists, "" for nudity and objects) and ``c_j`` rows of the concepts to preserve. Which
 rows enter is the token policy (section 3): ``last_word`` (the 2025 rewrite), ``aligned_tail``
 (last word + EOS + padding aligned with the guide, the paper-era code and toolkit default) or
-``all_77``. Presets bundle the reference defaults per use case (section 4):
+``all_77``. Presets bundle the reference defaults per kind of concept (section 4):
 
-=============  =====  =====================  ===  ====  ===  ==========================
-preset         guide  preserve               s_e  s_p   lam  policy
-=============  =====  =====================  ===  ====  ===  ==========================
-default        ""     none (+ "")            1    1.0   0.5  aligned_tail
-nudity         " "    none (+ "")            1    1.0   0.5  aligned_tail
-style, artist  "art"  given (+ "")           1    0.1   0.5  aligned_tail
-object         ""     none (+ "")            1    1.0   0.5  aligned_tail
-canvas-style   (*)    other styles (+ "")    1    0.3   0.5  all_77, caption templates
-canvas-object  (*)    other objects (+ "")   1    0.3   0.5  all_77, caption templates
-=============  =====  =====================  ===  ====  ===  ==========================
+=========================  =====  =============  ===  ====  ===  ============
+preset (kind)              guide  preserve       s_e  s_p   lam  policy
+=========================  =====  =============  ===  ====  ===  ============
+default (other, mixed)     ""     none (+ "")    1    1.0   0.5  aligned_tail
+nudity (nudity)            " "    none (+ "")    1    1.0   0.5  aligned_tail
+style, artist (style)      "art"  given (+ "")   1    0.1   0.5  aligned_tail
+object (object)            ""     none (+ "")    1    1.0   0.5  aligned_tail
+=========================  =====  =============  ===  ====  ===  ============
 
-The canvas presets were chosen by measurement on canvas-mini (benchmarks/canvas_closed_form.py):
-the concept is erased inside the captions it appears in, every row mapped to the same caption with
-the guide in its place, while the other styles' (objects') captions and "" are preserved. (*) The
-guide is the first canvas style (object) not being erased: every canvas-mini image has one of the
-ten styles and objects, and the caption with the style (object) left out renders mostly Van Gogh
-(Flowers), so "" would map the concept onto a concept. UnlearnCanvas' UCE likewise maps a style to
-its "Photo" style.
-
-``preset="auto"`` (default) takes a canvas preset when every concept names a style (or every concept
-an object) of the canvas world (which uses UnlearnCanvas' names and caption template), ``nudity``
-for nudity, else ``default``. An explicit option always overrides its preset. With ``preserve_scale``
-unset and no preset value, the paper-era rule ``s_p = max(0.1, 1 / len(preserve))`` applies.
+``preset="auto"`` (default) asks the model's preset provider (:mod:`erasekit.presets`) first: on
+canvas-mini that is ``canvas-style`` / ``canvas-object`` (its captions as templates, the other
+styles or objects preserved, all 77 rows; :mod:`erasekit.canvas.presets`); on any other model the
+table above by the concepts' kind (``kind=``, or guessed). An explicit option always overrides its
+preset. With ``preserve_scale`` unset and no preset value, the paper-era rule
+``s_p = max(0.1, 1 / len(preserve))`` applies.
 
 Templates (optional prompt expansion) fill ``{}`` with each concept, its guide and each preserve
-concept alike, so a concept is erased in the contexts it is used in; the canvas presets use the
-canvas caption ``"A {object} image in {} style."`` over every object (styles) or every style (objects).
+concept alike, so a concept is erased in the contexts it is used in (the paper's ``art`` and
+``object`` sets, or a set the model's provider names).
 
 Deviations from the reference: only the "replace" technique (the paper-era "tensor" option and the
 2025 debiasing loop are not implemented); concepts given to erase are dropped from the preserve list;
@@ -51,8 +43,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..canvas.world import OBJECTS, STYLES, caption, style_text
 from ..errors import ConfigError
+from ..presets import concept_context, world_preset_names
 from .closed_form import SOLVE_DTYPES, UCEFitter, build_edit, kv_weights
 from .registry import MethodConfig, check, register
 
@@ -60,13 +52,7 @@ POLICIES = ("last_word", "aligned_tail", "all_77")
 TEMPLATE_SETS = {
     "art": ("{}", "painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"),
     "object": ("{}", "image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"),
-    "canvas-style": tuple(caption(o, "{}") for o in OBJECTS),
-    "canvas-object": tuple(caption("{}", s) for s in STYLES),
 }
-CANVAS_STYLES = tuple(style_text(s) for s in STYLES)
-CANVAS_OBJECTS = OBJECTS
-# The canvas presets' guide (module docstring): the first canvas style (object) not being erased.
-REPLACEMENT = "<first canvas name not erased>"
 _BASE = dict(guide="", preserve=(), erase_scale=1.0, preserve_scale=None, lamb=0.5,
              token_policy="aligned_tail", templates=None, preserve_empty=True)
 PRESETS = {
@@ -75,35 +61,21 @@ PRESETS = {
     "style": {**_BASE, "guide": "art", "preserve_scale": 0.1},
     "artist": {**_BASE, "guide": "art", "preserve_scale": 0.1},
     "object": {**_BASE, "preserve_scale": 1.0},
-    "canvas-style": {**_BASE, "guide": REPLACEMENT, "preserve": CANVAS_STYLES, "preserve_scale": 0.3,
-                     "token_policy": "all_77",
-                     "templates": "canvas-style"},
-    "canvas-object": {**_BASE, "guide": REPLACEMENT, "preserve": CANVAS_OBJECTS, "preserve_scale": 0.3,
-                      "token_policy": "all_77",
-                      "templates": "canvas-object"},
 }
+KIND_PRESET = {"style": "style", "object": "object", "nudity": "nudity", "other": "default", "mixed": "default"}
 
 
 def _key(name: str) -> str:
     return " ".join(name.replace("_", " ").lower().split())
 
 
-def auto_preset(concepts: list[str]) -> str:
-    """The preset ``preset="auto"`` picks for these concepts (see module docstring)."""
-    keys = {_key(c) for c in concepts}
-    if keys <= {_key(s) for s in CANVAS_STYLES}:
-        return "canvas-style"
-    if keys <= {_key(o) for o in CANVAS_OBJECTS}:
-        return "canvas-object"
-    return "nudity" if keys <= {"nudity", "nude", "nudes", "naked"} else "default"
-
-
 @dataclass
 class UCEConfig(MethodConfig):
     """Options of UCE; ``None`` means "take the preset's value" (module docstring)."""
 
-    preset: str = field(default="auto", metadata={"help": "auto, default, nudity, style (= artist), object, "
-                                                          "canvas-style or canvas-object"})
+    preset: str = field(default="auto", metadata={"help": "auto (the model's provider, else by kind), default, "
+                                                          "nudity, style (= artist), object, or a provider's "
+                                                          "(canvas-mini: canvas-style, canvas-object)"})
     guide: str | list[str] | None = field(default=None, metadata={
         "help": "what each concept is mapped to: one text for all, or one per concept ('art', '', ...)"})
     preserve: list[str] | None = field(default=None, metadata={"help": "concepts whose outputs must not move"})
@@ -112,13 +84,13 @@ class UCEConfig(MethodConfig):
     lamb: float | None = field(default=None, metadata={"help": "lam, ridge toward the original weights"})
     token_policy: str | None = field(default=None, metadata={"help": "last_word, aligned_tail or all_77"})
     templates: str | list[str] | None = field(default=None, metadata={
-        "help": "prompt expansion: templates with '{}' or a set name (art, object, canvas-style, canvas-object)"})
+        "help": "prompt expansion: templates with '{}' or a set name (art, object, or a provider's)"})
     preserve_empty: bool | None = field(default=None, metadata={"help": "also preserve the empty prompt ''"})
     solve_dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the d x d solve"})
 
     def validate(self) -> None:
-        check(self.preset in PRESETS or self.preset == "auto",
-              f"`preset` must be one of auto, {', '.join(PRESETS)} but is {self.preset!r}")
+        names = ("auto", *PRESETS, *world_preset_names("uce"))
+        check(self.preset in names, f"`preset` must be one of {', '.join(names)} but is {self.preset!r}")
         check(self.token_policy is None or self.token_policy in POLICIES,
               f"`token_policy` must be one of {', '.join(POLICIES)} but is {self.token_policy!r}")
         check(self.erase_scale is None or self.erase_scale > 0, f"`erase_scale` must be > 0 but is {self.erase_scale}")
@@ -127,8 +99,9 @@ class UCEConfig(MethodConfig):
         check(self.lamb is None or self.lamb >= 0, f"`lamb` must be >= 0 but is {self.lamb}")
         check(self.solve_dtype in SOLVE_DTYPES, f"`solve_dtype` must be float32 or float64 but is {self.solve_dtype!r}")
         if isinstance(self.templates, str):
-            check(self.templates in TEMPLATE_SETS, f"`templates` must be a list of strings with '{{}}' or one of "
-                                                   f"{', '.join(TEMPLATE_SETS)} but is {self.templates!r}")
+            sets = (*TEMPLATE_SETS, *world_preset_names("uce-templates"))
+            check(self.templates in sets, f"`templates` must be a list of strings with '{{}}' or one of "
+                                          f"{', '.join(sets)} but is {self.templates!r}")
         elif self.templates is not None:
             bad = [t for t in self.templates if not isinstance(t, str) or t.count("{}") != 1]
             check(not bad and len(self.templates) > 0,
@@ -154,17 +127,38 @@ class UCESettings:
         return asdict(self)
 
 
-def resolve(config: UCEConfig, concepts: list[str]) -> UCESettings:
-    """Fill every unset option from the (auto-selected) preset; checks the guide count."""
-    name = auto_preset(concepts) if config.preset == "auto" else config.preset
-    pre = PRESETS[name]
+def _template_set(ctx, name: str) -> tuple[str, ...]:
+    found = TEMPLATE_SETS.get(name) or ctx.ask("uce_templates", name)
+    if found is None:
+        raise ConfigError(f"`templates` set {name!r} is not one of {', '.join(TEMPLATE_SETS)} (or a set of the "
+                          f"model's {ctx.provider.name} presets): give a set name or a list of templates with '{{}}'")
+    return tuple(found)
+
+
+def preset_values(config: UCEConfig, ctx) -> tuple[str, dict]:
+    """The preset's name and values: the provider's (auto or by name), else the paper table by kind."""
+    name = None if config.preset == "auto" else config.preset
+    found = ctx.ask("uce_preset", name)
+    if found is not None:
+        return found
+    name = name or KIND_PRESET[ctx.kind]
+    if name not in PRESETS:
+        extra = ctx.ask("uce_presets") or ()
+        raise ConfigError(f"`preset` must be one of auto, {', '.join((*PRESETS, *extra))} for this model "
+                          f"({ctx.provider.name} presets) but is {name!r}")
+    return name, dict(PRESETS[name])
+
+
+def resolve(config: UCEConfig, concepts: list[str], pipe=None, ctx=None) -> UCESettings:
+    """Fill every unset option from the preset of ``pipe``'s provider and the concepts' kind.
+
+    ``pipe`` None resolves against the papers' defaults (no model, no model-specific provider).
+    """
+    ctx = ctx or concept_context(pipe, concepts, config)
+    name, pre = preset_values(config, ctx)
+    concepts = list(pre.pop("concepts", concepts))
     opt = {k: getattr(config, k) if getattr(config, k) is not None else v for k, v in pre.items()}
-    if name.startswith("canvas"):
-        concepts = [style_text(c) for c in concepts]
     erased = {_key(c) for c in concepts}
-    if opt["guide"] == REPLACEMENT:
-        names = CANVAS_STYLES if name == "canvas-style" else CANVAS_OBJECTS
-        opt["guide"] = next((n for n in names if _key(n) not in erased), "")
     guides = [opt["guide"]] * len(concepts) if isinstance(opt["guide"], str) else list(opt["guide"])
     check(len(guides) == len(concepts), f"`guide` has {len(guides)} entries for {len(concepts)} concepts: give "
                                         "one guide for all, or one per concept")
@@ -172,7 +166,7 @@ def resolve(config: UCEConfig, concepts: list[str]) -> UCESettings:
                 if _key(p) not in erased]
     preserve = ([""] if opt["preserve_empty"] else []) + [p for p in preserve if p != ""]
     templates = opt["templates"] or ("{}",)
-    templates = list(TEMPLATE_SETS[templates] if isinstance(templates, str) else templates)
+    templates = list(_template_set(ctx, templates) if isinstance(templates, str) else templates)
     s_p = opt["preserve_scale"] if opt["preserve_scale"] is not None else max(0.1, 1 / max(len(preserve), 1))
     return UCESettings(name, list(concepts), guides, preserve, float(opt["erase_scale"]), float(s_p),
                        float(opt["lamb"]), opt["token_policy"], templates, config.solve_dtype)
@@ -265,20 +259,27 @@ def uce_fitter(enc: PromptEncoder, s: UCESettings) -> UCEFitter:
     return fitter
 
 
-@register("uce", UCEConfig)
+@register("uce", UCEConfig, components=("unet",))
 def uce(pipe, concepts: list[str], config: UCEConfig):
     """Erase ``concepts`` with UCE; returns an Edit of every cross-attention to_k / to_v (exact low-rank deltas).
 
     Example:
         >>> import erasekit
         >>> pipe = erasekit.load_pipeline("canvas-mini")
-        >>> edit = erasekit.erase(pipe, "uce", ["Van Gogh"])            # preset auto -> canvas-style
-        >>> edit.manifest["resolved"]["token_policy"]
-        'all_77'
+        >>> edit = erasekit.erase(pipe, "uce", ["Van Gogh"])            # canvas-mini's provider: canvas-style
+        >>> edit.manifest["preset"]["name"], edit.manifest["resolved"]["token_policy"]
+        ('canvas-style', 'all_77')
     """
     from ..pipelines import FamilyAdapter
 
-    s = resolve(config, concepts)
+    ctx = concept_context(pipe, concepts, config)
+    s = resolve(config, concepts, ctx=ctx)
     fitter = uce_fitter(PromptEncoder(FamilyAdapter(pipe)), s)
     update = fitter.solve()
-    return build_edit(pipe, kv_weights(pipe), update, {"resolved": s.to_dict(), "delta_rank_bound": update.rank})
+    return build_edit(pipe, kv_weights(pipe), update, {"resolved": s.to_dict(), "delta_rank_bound": update.rank,
+                                                       **ctx.record(s.preset, _values(s))})
+
+
+def _values(s: UCESettings) -> dict:
+    """Every resolved value of the settings, for the manifest's ``preset`` entry."""
+    return {k: v for k, v in s.to_dict().items() if k not in ("preset", "concepts")}

@@ -7,7 +7,7 @@ Names load lazily, so ``import erasekit.eval`` imports no torchmetrics, open_cli
 from __future__ import annotations
 
 _LAZY = {
-    "evaluate": "evaluation", "sequential": "evaluation",
+    "evaluate": "evaluation",
     "Judge": "judges", "CanvasJudge": "judges", "NudeNetJudge": "judges", "ClassifierJudge": "judges",
     "Protocol": "protocol", "get_protocol": "protocol", "PRESETS": "protocol",
     "UnlearnCanvasMetric": "canvas_metrics", "unlearncanvas_scores": "canvas_metrics",

@@ -54,7 +54,7 @@ class ClipEncoder:
 
     def pixels(self, images: Sequence) -> torch.Tensor:
         """Preprocessed N x 3 x S x S float tensor."""
-        from .judges import images_to_tensor
+        from ..pipelines.images import images_to_tensor
 
         if isinstance(images, torch.Tensor):
             images = list(images)
@@ -129,6 +129,18 @@ class _TorchmetricsProcessor:
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
 
+def load_canvas_clip(path=None) -> ClipEncoder:
+    """The canvas CLIP (shipped, or trained at ``path``) as a :class:`ClipEncoder` (float32, eval mode)."""
+    import open_clip
+
+    from ..canvas.clip import load_clip
+
+    model, cfg, path = load_clip(path)
+    return ClipEncoder(model, open_clip.tokenize, image_size=cfg["vision_cfg"]["image_size"],
+                       mean=tuple(cfg["image_mean"]), std=tuple(cfg["image_std"]), name="canvas-clip",
+                       source=str(path))
+
+
 def clip_score_metric(encoder: ClipEncoder | None = None, **kwargs):
     """A ``torchmetrics.multimodal.CLIPScore`` computed with ``encoder`` (default: the canvas CLIP).
 
@@ -137,8 +149,6 @@ def clip_score_metric(encoder: ClipEncoder | None = None, **kwargs):
     from torchmetrics.multimodal import CLIPScore
 
     if encoder is None:
-        from ..canvas.clip import load_canvas_clip
-
         encoder = load_canvas_clip()
     return CLIPScore(model_name_or_path=lambda: (_TorchmetricsModel(encoder), _TorchmetricsProcessor(encoder)),
                      **kwargs)

@@ -1,5 +1,5 @@
-"""``erasekit.evaluate``: score an Edit (or a base model) on a protocol; ``sequential``: erase targets
-one after another and score after each step.
+"""``erasekit.evaluate``: score an Edit (or a base model) on a protocol. Sequential unlearning, which
+erases and scores in turn, builds on it in :func:`erasekit.workflows.sequential`.
 
 The edited model is the pipeline with the Edit applied (and restored afterwards, also on error);
 the original model's records come from the cache when this protocol, these weights and this judge
@@ -9,7 +9,6 @@ processes: every process returns the same Report; the main process writes the fi
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,10 @@ def evaluate(pipe, edit=None, protocol: str | Protocol = "canvas-lite", targets=
             (``fid`` also ``("inception", weights_path)``).
         fid_reference: real images for FID on non-canvas protocols: a folder ``<theme>/<object>/<k>.png``.
         cache_dir: cache of original-model records (``"default"``: ~/.cache/erasekit/eval; None: off).
-        on_missing: ``"fail"`` (default) or ``"count"`` a missing or non-finite image.
+        on_missing: ``"fail"`` (default) or ``"count"`` a missing or degenerate image. A degenerate
+            image (non-finite, or one flat colour: a broken model) raises
+            :class:`~erasekit.errors.DegenerateOutputError` at the first batch that holds one; the
+            edited model's images are made before the original's, so a broken Edit fails early.
         edit_path: the Edit's file, for its storage size on disk.
         attack: AttackResult(s) whose ASR to record.
 
@@ -79,17 +81,18 @@ def evaluate(pipe, edit=None, protocol: str | Protocol = "canvas-lite", targets=
         _check_edit(edit, pipe)
     keep = grid_items(s.runner.items, s.targets) if s.protocol.is_grid else set()
     timing = {}
-    base = None
-    if baseline or edit is None:
-        t = time.perf_counter()
-        base = s.runner.records(pipe, keep, "original", s.cache_dir)
-        timing["original_s"] = time.perf_counter() - t
-    edited = base
-    if edit is not None:
+    edited = base = None
+    if edit is not None:   # first, so that a broken Edit fails at its first batch, before the baseline's images
         t = time.perf_counter()
         with edit.sampled(pipe) as sampler:   # a one-step (SFD) generator through its own pipeline
             edited = s.runner.records(sampler, keep, "edited", None)
         timing["edited_s"] = time.perf_counter() - t
+    if baseline or edit is None:
+        t = time.perf_counter()
+        base = s.runner.records(pipe, keep, "original", s.cache_dir)
+        timing["original_s"] = time.perf_counter() - t
+    if edit is None:
+        edited = base
     report = Report(
         protocol=s.protocol.to_dict(), judge=s.judge.describe(), targets=s.names,
         method=edit.manifest.get("method", "edit") if edit is not None else "original",
@@ -104,59 +107,6 @@ def evaluate(pipe, edit=None, protocol: str | Protocol = "canvas-lite", targets=
     if out_dir is not None and s.runner.is_main:
         report.save(out_dir, grids=target_grids(s.runner.items, s.targets, s.names, base, edited)
                     if edit is not None else {})
-    return report
-
-
-def sequential(pipe, method: str, targets: list[str], protocol: str | Protocol = "canvas-lite", judge=None,
-               out_dir=None, progress: bool = True, method_options: dict | None = None, *, fid="auto",
-               clip="auto", fid_reference=None, cache_dir="default", on_missing: str = "fail") -> Report:
-    """Sequential unlearning (metrics.md 1.5): erase ``targets`` one after another with ``method``,
-    each step starting from the previous unlearned model, and after step i report UA on every
-    target erased so far and retention (IRA/CRA) on the rest. The order is recorded; the pipeline
-    is restored at the end, also on error.
-
-    A one-step generator (SFD) is not a denoiser the next erasure could start from, so its steps
-    continue the distillation instead: step i starts the generator from step i-1's
-    (``generator_init``) and forgets every target so far, against the original teacher."""
-    from ..erase.registry import erase
-
-    t0 = time.perf_counter()
-    s = _setup(pipe, protocol, list(targets), judge, fid, clip, fid_reference, cache_dir, on_missing, None, progress)
-    base = s.runner.records(pipe, set(), "original", s.cache_dir)
-    applied, steps, previous = [], [], None
-    scratch = tempfile.TemporaryDirectory(prefix="erasekit-sequential-")
-    try:
-        for i, name in enumerate(targets):
-            options, concepts = dict(method_options or {}), [name]
-            if previous is not None and previous.one_step:   # continue the generator, forget all so far
-                options["generator_init"] = str(previous.save(Path(scratch.name) / f"step{i}.safetensors"))
-                concepts = list(targets[:i + 1])
-            edit = previous = erase(pipe, method, concepts, **options)
-            if edit.one_step:
-                with edit.sampled(pipe) as sampler:
-                    rec = s.runner.records(sampler, set(), f"step {i + 1}", None)
-            else:
-                edit.apply(pipe)
-                applied.append(edit)
-                rec = s.runner.records(pipe, set(), f"step {i + 1}", None)
-            sub = _Setup(**{**s.__dict__, "targets": s.targets[:i + 1], "names": s.names[:i + 1]})
-            sc = _scores(sub, rec, base)
-            steps.append({"step": i + 1, "erased": name, "UA_per_target": {k: v["UA"] for k, v in
-                                                                          sc.get("targets", {}).items()},
-                          **{k: sc.get(k) for k in ("UA", "IRA", "CRA")}, "scores": sc,
-                          "efficiency": _efficiency(edit, None)})
-    finally:
-        for edit in reversed(applied):
-            edit.remove(pipe)
-        scratch.cleanup()
-    report = Report(protocol=s.protocol.to_dict(), judge=s.judge.describe(), targets=list(targets),
-                    method=f"{method} (sequential)", model={"hash_original": _pipe_id(pipe)},
-                    scores=steps[-1]["scores"] if steps else {}, baseline=_scores(s, base, None),
-                    sequential=steps, notes=s.notes + [f"sequence order: {list(targets)}"],
-                    environment=environment(s.runner.state.num_processes),
-                    timing={"total_s": time.perf_counter() - t0})
-    if out_dir is not None and s.runner.is_main:
-        report.save(out_dir)
     return report
 
 
@@ -235,7 +185,7 @@ def _clip_encoder(clip, protocol: Protocol, notes: list[str], what: str):
     if protocol.model != "canvas-mini":
         notes.append(f"{what}: not computed (pass a ClipEncoder, e.g. ClipEncoder.from_open_clip(...))")
         return None
-    from ..canvas.clip import load_canvas_clip
+    from .clip_score import load_canvas_clip
 
     try:
         return load_canvas_clip()

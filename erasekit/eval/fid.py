@@ -56,13 +56,11 @@ class FeatureSpace:
 
     @classmethod
     def resolve(cls, features="canvas-clip") -> "FeatureSpace":
-        from .clip_score import ClipEncoder
+        from .clip_score import ClipEncoder, load_canvas_clip
 
         if isinstance(features, FeatureSpace):
             return features
         if features == "canvas-clip":
-            from ..canvas.clip import load_canvas_clip
-
             features = load_canvas_clip()
         if isinstance(features, ClipEncoder):
             return cls(ClipImageFeatures(features), f"{features.name} image embedding (not Inception)",
@@ -76,7 +74,7 @@ class FeatureSpace:
         """Features of images (PIL / uint8 arrays) as an N x dim float64 tensor."""
         if isinstance(self.module, ClipImageFeatures):
             return self.module(images)
-        from .judges import images_to_tensor
+        from ..pipelines.images import images_to_tensor
 
         x = images_to_tensor(images, 299).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
         return self.module(x).double()

@@ -7,7 +7,6 @@ unlearning accuracy mean the same thing. A judge has named heads (``style``, ``o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -15,8 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-
-JUDGE_DIR = Path(__file__).resolve().parents[2] / "assets" / "canvas-judge"
+from ..pipelines.images import images_to_tensor
 
 
 def _norm(name: str) -> str:
@@ -51,31 +49,8 @@ class Judge:
         return {"name": self.name, "heads": {h: len(v) for h, v in self.heads.items()}}
 
 
-def images_to_tensor(images: Sequence, size: int, resample: str = "bicubic") -> torch.Tensor:
-    """PIL images / uint8 arrays / [-1, 1] tensors -> float tensor N x 3 x size x size in [-1, 1]."""
-    from PIL import Image
-
-    if isinstance(images, torch.Tensor):
-        x = images.float()
-    else:
-        arrs = []
-        for im in images:
-            if not isinstance(im, Image.Image):
-                im = Image.fromarray(np.asarray(im, dtype=np.uint8))
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BICUBIC if resample == "bicubic" else Image.BILINEAR)
-            arrs.append(np.asarray(im))
-        if not arrs:
-            return torch.zeros(0, 3, size, size)
-        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    if x.shape[-1] != size:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode=resample, align_corners=False)
-    return x
-
-
 class CanvasJudge(Judge):
-    """canvas-mini's style and object classifier (assets/canvas-judge)."""
+    """canvas-mini's style and object classifier (erasekit/assets/canvas-judge)."""
 
     name = "canvas"
 
@@ -86,17 +61,13 @@ class CanvasJudge(Judge):
         self.source = source
 
     @classmethod
-    def load(cls, path: str | Path = JUDGE_DIR) -> "CanvasJudge":
-        from safetensors.torch import load_file
+    def load(cls, path: str | Path | None = None) -> "CanvasJudge":
+        """The shipped judge (``erasekit/assets/canvas-judge``), or a trained one at ``path``."""
+        from .._assets import asset_path
+        from ..canvas.judge import load_judge_net
 
-        from ..canvas.judge import CanvasJudgeNet
-
-        path = Path(path)
-        if not (path / "model.safetensors").exists():
-            raise ConfigError(f"no canvas judge at {path}: it ships in assets/canvas-judge of a full checkout")
-        cfg = json.loads((path / "config.json").read_text())
-        net = CanvasJudgeNet(len(cfg["styles"]), len(cfg["objects"]))
-        net.load_state_dict(load_file(str(path / "model.safetensors")))
+        path = Path(path) if path is not None else asset_path("canvas-judge", must_exist=False)
+        net, cfg = load_judge_net(path)
         return cls(net, cfg["styles"], cfg["objects"], cfg.get("image_size", 32), str(path))
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .canvas_metrics import MissingImageError
+from ..errors import DegenerateOutputError
 from .protocol import Item, Protocol
 
 CACHE_FORMAT = "erasekit.eval-records/1"
@@ -152,6 +152,10 @@ class Runner:
                 rec.thumbs.update(self._run(pipe, missing, set(missing), label, judge=False).thumbs)
             return rec
         rec = self.gather(self._run(pipe, self.share, set(keep), label))
+        if len(rec.valid) and not rec.valid.any():   # counted missing one by one, but nothing is left to score
+            raise DegenerateOutputError(
+                f"none of the {label} model's {len(rec.valid)} images could be made or used (each failed or was "
+                "degenerate): the model is broken, so it is not scored")
         if path is not None and self.is_main:
             from .._io import save_tensors
 
@@ -213,10 +217,14 @@ class Runner:
         return out
 
     def _generate(self, generate, pipe, batch: list[Item]) -> list[np.ndarray | None]:
-        """uint8 images of a batch; None for an image that failed or is not finite."""
+        """uint8 images of a batch; None for an image that failed or is degenerate (non-finite or one
+        flat colour, :func:`~erasekit.pipelines.generation.degenerate_reason`) when they are counted;
+        otherwise such an image raises :class:`~erasekit.errors.DegenerateOutputError` at once."""
+        from ..pipelines.generation import degenerate_reason
+
         try:
             out = generate(pipe, [it.prompt for it in batch], [it.seed for it in batch],
-                           self.protocol.sampling, output_type="np")
+                           self.protocol.sampling, output_type="np", check=False)
         except Exception as e:  # noqa: BLE001 - turned into a counted or raised missing image
             if self.on_missing == "fail":
                 raise
@@ -226,10 +234,13 @@ class Runner:
         arrays = []
         for it, a in zip(batch, out):
             a = np.asarray(a, dtype=np.float32)
-            if not np.isfinite(a).all():
+            reason = degenerate_reason(a)
+            if reason is not None:
                 if self.on_missing == "fail":
-                    raise MissingImageError(f"the image for {it.prompt!r}, seed {it.seed} is not finite (NaN/Inf): "
-                                            "the model is broken; pass on_missing='count' to count it as missing")
+                    raise DegenerateOutputError(
+                        f"the image for {it.prompt!r}, seed {it.seed} is degenerate: {reason}. The model is broken, "
+                        "so it is not scored (never as erased); pass on_missing='count' to count such images as "
+                        "missing")
                 arrays.append(None)
             else:
                 arrays.append((a.clip(0, 1) * 255).round().astype(np.uint8))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from .._assets import asset_path
 from ..errors import ConfigError, ModelLoadError
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-BUILTIN = {"canvas-mini": ASSETS / "canvas-mini"}
+BUILTIN = ("canvas-mini",)  # shipped inside the package (erasekit/assets/)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -25,10 +25,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def builtin_path(name: str) -> Path:
-    path = BUILTIN[name]
+    path = asset_path(name, must_exist=False)
     if not (path / "model_index.json").exists():
         raise ModelLoadError(f"the built-in model {name!r} is missing from {path}; reinstall erasekit "
-                             "from a full checkout (the weights live in assets/)")
+                             "(its wheel carries the weights in erasekit/assets/)")
     return path
 
 

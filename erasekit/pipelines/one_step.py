@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, EditError
 from .family import Context, FamilyAdapter
+from .locking import pipeline_lock, share_lock
 
 ONE_STEP = "one_step"
 
@@ -182,12 +183,15 @@ def one_step_pipeline(pipe, edit=None, t_init: int | None = None) -> OneStepPipe
             raise EditError(f"a one-step generator Edit changes only the UNet, this one also {others[0]!r}")
         edit.check(pipe)
         t_init = int(edit.manifest["generator_timestep"]) if t_init is None else t_init
-        unet = copy.deepcopy(pipe.unet)
+        with pipeline_lock(pipe):   # copied while no other thread applies or removes an Edit
+            unet = copy.deepcopy(pipe.unet)
         with torch.no_grad():
             for key in edit.keys:
                 param = unet.get_parameter(key.split("/", 1)[1])
                 param.copy_(edit.new_weight(key, param.detach()))
         unet.requires_grad_(False)
-    return OneStepPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+    fast = OneStepPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet,
                            scheduler=pipe.scheduler, text_encoder_2=getattr(pipe, "text_encoder_2", None),
                            tokenizer_2=getattr(pipe, "tokenizer_2", None), t_init=t_init)
+    share_lock(fast, pipe)   # it shares pipe's text encoders and VAE, so it shares its lock
+    return fast

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError
-from ..pipelines.family import Context, FamilyAdapter, Tokens
+from .family import Context, FamilyAdapter, Tokens
 
 VOCABULARIES = ("round_trip", "full")
 _VOCAB_CACHE: dict[tuple, torch.Tensor] = {}

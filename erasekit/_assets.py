@@ -1,0 +1,35 @@
+"""The weights that ship inside the package (``erasekit/assets/``): canvas-mini, its judge, its CLIP.
+
+They are package data, so a built wheel carries them and an editable install reads them from the
+source tree; :func:`asset_path` finds them with :mod:`importlib.resources` wherever erasekit is
+installed, and hands back a real folder because diffusers and safetensors read from paths.
+"""
+
+from __future__ import annotations
+
+import atexit
+from contextlib import ExitStack
+from importlib import resources
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+ASSETS = ("canvas-mini", "canvas-judge", "canvas-clip")
+_EXTRACTED = ExitStack()  # folders unpacked from a zipped install, removed at exit
+atexit.register(_EXTRACTED.close)
+
+
+def asset_path(name: str, must_exist: bool = True) -> Path:
+    """The folder of the shipped asset ``name`` (one of :data:`ASSETS`) on the file system.
+
+    With ``must_exist`` a missing folder raises :class:`ModelLoadError` that says how to get it.
+    """
+    if name not in ASSETS:
+        raise ModelLoadError(f"unknown asset {name!r}; erasekit ships {', '.join(ASSETS)}")
+    ref = resources.files("erasekit") / "assets" / name
+    path = ref if isinstance(ref, Path) else _EXTRACTED.enter_context(resources.as_file(ref))
+    if must_exist and not path.is_dir():
+        raise ModelLoadError(f"the shipped asset {name!r} is missing from {path}: this erasekit was built "
+                             "without its package data; reinstall it from a wheel or a full checkout "
+                             "(pip install erasekit, or pip install -e . in the repository)")
+    return Path(path)

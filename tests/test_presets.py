@@ -1,0 +1,239 @@
+"""Presets are chosen by the model, never by the concept's name (erasekit.presets).
+
+The same concept names ("Van Gogh", "Cats", "Pop Art", "nudity") resolve canvas-mini's presets
+only on canvas-mini, recognised by the marker its model files carry, and the papers' defaults on
+any other model: a tiny sd1 pipeline, and the full-size SD 1.4 architecture built from config
+(on the meta device for resolution, with random weights for a real UCE erase, marked slow). A
+method that branched on the concept's name would give the canvas presets on those models too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import erasekit
+from erasekit.erase import advunlearn, esd, salun, sfd, uce
+from erasekit.errors import ConfigError
+from erasekit.presets import MARKER, PAPER, concept_context, provider_for
+
+REAL = ["Van Gogh", "Cats", "Pop Art", "nudity"]
+CANVAS_WORDS = (" image in ", " style.", "Cubism", "Architectures")   # what canvas-mini's presets put in prompts
+
+
+def sd14(device: str = "meta"):
+    """SD 1.4's UNet and text encoder from config (random weights; no memory on ``meta``), CLIP's tokenizer."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from erasekit.canvas.configs import SCHEDULER
+    from erasekit.canvas.tokenizer import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                    attention_head_dim=8, layers_per_block=2, sample_size=64)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                            intermediate_size=3072, vocab_size=49408, max_position_embeddings=77,
+                                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+        vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tempfile.mkdtemp())))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def sd14_meta():
+    return sd14("meta")
+
+
+def _no_canvas(values) -> None:
+    text = json.dumps(values)
+    assert not any(w in text for w in CANVAS_WORDS), f"canvas-mini presets leaked: {text[:300]}"
+
+
+def resolved(pipe, concept: str, **options) -> dict:
+    """What each method resolves for ``concept`` on ``pipe`` (no training, no data)."""
+    out = {}
+    c = uce.UCEConfig(**options)
+    out["uce"] = uce.resolve(c, [concept], pipe).to_dict()
+    c = esd.ESDConfig(**options)
+    ctx = concept_context(pipe, [concept], c)
+    out["esd"] = {**c.resolved(ctx), "pairs": esd.esd_pairs([concept], c, ctx)}
+    c = salun.SalUnConfig(pseudo="a dog", retain_prompts=["a tree"], **options)
+    plan = salun.make_plan([concept], c, concept_context(pipe, [concept], c))
+    out["salun"] = {**salun._resolve(plan, c), "forget": plan.forget_prompts}
+    c = advunlearn.AdvUnlearnConfig(**options)
+    ctx = concept_context(pipe, [concept], c)
+    out["advunlearn"] = {**advunlearn.preset(pipe, [concept], c, ctx),
+                         "prompts": advunlearn.concept_prompts([concept], "auto", ctx),
+                         "retain": advunlearn.retain_prompts([concept], "auto", ctx)[:3]}
+    c = sfd.SFDConfig(retain_prompts=("a tree",), **options)
+    sets = sfd.prompt_sets([concept], c, concept_context(pipe, [concept], c))
+    out["sfd"] = {"forget": sets.forget, "choices": [ch for _, ch in sets.swaps]}
+    return out
+
+
+def _check_paper(r: dict, concept: str) -> None:
+    """The papers' defaults (docs/presets.md) for ``concept`` with its guessed kind."""
+    nude = concept == "nudity"
+    assert r["uce"]["preset"] == ("nudity" if nude else "default")
+    assert (r["uce"]["guides"], r["uce"]["token_policy"], r["uce"]["templates"]) == (
+        [" " if nude else ""], "aligned_tail", ["{}"])
+    assert r["uce"]["preserve"] == [""] and r["uce"]["preserve_scale"] == 1.0 and r["uce"]["lamb"] == 0.5
+    assert (r["esd"]["preset"], r["esd"]["steps"], r["esd"]["lr"], r["esd"]["ddim_steps"]) == ("sd", 1000, 1e-5, 50)
+    assert r["esd"]["param_set"] == ("esd-u" if nude else "esd-x") and r["esd"]["pairs"] == [(concept, None)]
+    assert r["salun"]["preset"] == ("nudity" if nude else "custom") and r["salun"]["param_set"] == "full"
+    assert r["salun"]["lr"] == 1e-5 and r["salun"]["alpha"] == (0.1 if nude else 0.5)
+    a = r["advunlearn"]
+    assert (a["steps"], a["lr"], a["k"], a["attack_steps"], a["ddim_steps"], a["eta"]) == (1000, 1e-5, 1, 30, 50, 1.0)
+    assert a["gamma"] == (0.3 if nude else 0.5) and a["prompts"] == [concept]
+    assert all(p.startswith("a photo of a ") for p in a["retain"])
+    assert r["sfd"] == {"forget": [concept], "choices": [[""]]}
+    _no_canvas(r)
+
+
+# -- which provider ----------------------------------------------------------------------------
+def test_canvas_mini_is_recognised_by_its_model_files(canvas_pipe, tiny_sd1):
+    from diffusers import DiffusionPipeline
+
+    from erasekit.pipelines.loading import builtin_path
+
+    assert provider_for(canvas_pipe).name == "canvas-mini" and provider_for(tiny_sd1) is PAPER
+    direct = DiffusionPipeline.from_pretrained(builtin_path("canvas-mini"), local_files_only=True,
+                                               safety_checker=None, requires_safety_checker=False)
+    assert provider_for(direct).name == "canvas-mini"   # loaded with diffusers alone: the files carry it
+    tiny_sd1.text_encoder.config.erasekit_world = "another-world"
+    with pytest.raises(ConfigError, match="another-world"):
+        provider_for(tiny_sd1)
+
+
+def test_the_pipeline_decides_not_the_concept_name(tiny_sd1):
+    """One tiny pipeline, one concept: the canvas presets appear only once the model says it is canvas-mini."""
+    before = uce.resolve(uce.UCEConfig(), ["Van Gogh"], tiny_sd1)
+    setattr(tiny_sd1.text_encoder.config, MARKER, "canvas-mini")
+    after = uce.resolve(uce.UCEConfig(), ["Van Gogh"], tiny_sd1)
+    assert before.preset == "default" and after.preset == "canvas-style" and after.guides == ["Cubism"]
+
+
+# -- real models: the papers' defaults ----------------------------------------------------------
+@pytest.mark.parametrize("concept", REAL)
+def test_real_model_concepts_resolve_paper_presets(tiny_sd1, concept):
+    _check_paper(resolved(tiny_sd1, concept), concept)
+
+
+def test_full_size_sd14_resolves_paper_presets(sd14_meta):
+    for concept in REAL:
+        _check_paper(resolved(sd14_meta, concept), concept)
+    a = advunlearn.preset(sd14_meta, ["Van Gogh"], advunlearn.AdvUnlearnConfig())
+    assert a["gradient_checkpointing"] is True   # a full-size UNet checkpoints its activations
+
+
+def test_explicit_kind_selects_the_kind_presets(tiny_sd1):
+    style = resolved(tiny_sd1, "Van Gogh", kind="style")
+    assert style["uce"]["preset"] == "style" and style["uce"]["guides"] == ["art"]
+    assert style["uce"]["preserve_scale"] == 0.1
+    nude = resolved(tiny_sd1, "naked bodies", kind="nudity")
+    assert nude["esd"]["param_set"] == "esd-u" and nude["advunlearn"]["gamma"] == 0.3
+    assert nude["salun"]["preset"] == "nudity"
+    assert "a photo of a person" not in advunlearn.retain_prompts(
+        ["naked bodies"], "coco", concept_context(tiny_sd1, ["naked bodies"], uce.UCEConfig(kind="nudity")))
+    with pytest.raises(ConfigError, match="`kind`"):
+        uce.UCEConfig(kind="artist")
+
+
+def test_the_guess_is_logged_and_recorded_with_every_value(tiny_sd1, caplog):
+    with caplog.at_level(logging.INFO, logger="erasekit.presets"):
+        edit = erasekit.erase(tiny_sd1, "uce", ["nudity"])
+    assert "'nudity': nudity" in caplog.text and "paper" in caplog.text
+    m = json.loads(json.dumps(edit.manifest))
+    assert (m["kind"], m["kinds"], m["kind_guessed"]) == ("nudity", {"nudity": "nudity"}, True)
+    assert m["preset"]["provider"] == "paper" and m["preset"]["name"] == "nudity"
+    values = m["preset"]["values"]
+    assert (values["guides"], values["preserve_scale"], values["lamb"], values["token_policy"]) == (
+        [" "], 1.0, 0.5, "aligned_tail")
+    assert m["resolved"]["guides"] == [" "]   # what was recorded before stays
+    given = erasekit.erase(tiny_sd1, "uce", ["Van Gogh"], kind="style").manifest
+    assert (given["kind"], given["kind_guessed"], given["preset"]["name"]) == ("style", False, "style")
+    assert given["preset"]["values"]["guides"] == ["art"]
+
+
+def test_a_fragmented_concept_is_warned_about_on_real_models(tiny_sd1, caplog):
+    with caplog.at_level(logging.WARNING, logger="erasekit.presets"):
+        concept_context(tiny_sd1, ["Van Gogh", "nudity", "Pop Art"], None)
+        assert "splits into many short tokens" not in caplog.text
+        concept_context(tiny_sd1, ["Zqxvbnm"], None)
+    assert "'Zqxvbnm' splits into many short tokens" in caplog.text
+
+
+# -- canvas-mini: its presets, its world ----------------------------------------------------------
+def test_canvas_presets_resolve_on_canvas_mini(canvas_pipe):
+    r = resolved(canvas_pipe, "Van Gogh")
+    assert r["uce"]["preset"] == "canvas-style" and r["uce"]["guides"] == ["Cubism"]
+    assert (r["uce"]["token_policy"], r["uce"]["preserve_scale"]) == ("all_77", 0.3)
+    assert "A Cats image in {} style." in r["uce"]["templates"]
+    assert (r["esd"]["preset"], r["esd"]["steps"], r["esd"]["lr"], r["esd"]["ddim_steps"]) == ("canvas", 400, 1e-3, 20)
+    assert r["esd"]["pairs"][0] == ("Van Gogh style.", "A Architectures image in Van Gogh style.")
+    assert (r["salun"]["preset"], r["salun"]["param_set"], r["salun"]["lr"]) == ("canvas", "xattn", 1e-4)
+    assert (r["advunlearn"]["k"], r["advunlearn"]["steps"], r["advunlearn"]["lr"]) == (3, 300, 1e-3)
+    assert len(r["sfd"]["forget"]) == 50 and r["sfd"]["choices"] == [["Watercolor"]]
+    cats = resolved(canvas_pipe, "Cats")
+    assert cats["uce"]["preset"] == "canvas-object" and cats["salun"]["lr"] == 3e-4
+    assert cats["advunlearn"]["eta"] == 3.0   # objects in the attribute form
+
+
+def test_canvas_mini_refuses_concepts_outside_its_world(canvas_pipe):
+    weights = {k: v.clone() for k, v in canvas_pipe.unet.state_dict().items()}
+    for concept in ("Picasso", "nudity"):
+        with pytest.raises(ConfigError, match="canvas-mini does not know") as info:
+            erasekit.erase(canvas_pipe, "uce", [concept])
+        assert "Van Gogh" in str(info.value) and "Cats" in str(info.value)
+        assert "allow_unknown_concept" in str(info.value)
+    with pytest.raises(ConfigError, match="canvas-mini does not know"):
+        erasekit.erase(canvas_pipe, "esd", ["Picasso"], steps=1)
+    assert all(torch.equal(v, weights[k]) for k, v in canvas_pipe.unet.state_dict().items())
+    with pytest.raises(ConfigError, match="kind='style'"):
+        erasekit.erase(canvas_pipe, "uce", ["Van Gogh"], kind="object")
+
+
+def test_forcing_an_unknown_concept_uses_the_papers_defaults(canvas_pipe):
+    edit = erasekit.erase(canvas_pipe, "uce", ["nudity"], allow_unknown_concept=True)
+    m = edit.manifest
+    assert m["preset"]["provider"] == "canvas-mini" and m["preset"]["name"] == "nudity" and m["kind"] == "nudity"
+    assert m["resolved"]["guides"] == [" "] and m["resolved"]["templates"] == ["{}"]
+
+
+# -- the full-size architecture with random weights: a real UCE erase ----------------------------
+@pytest.mark.slow
+def test_uce_on_full_size_sd14_uses_paper_presets():
+    pipe = sd14("cpu")
+    for concept in REAL:
+        m = erasekit.erase(pipe, "uce", [concept]).manifest
+        assert m["preset"]["provider"] == "paper" and m["preset"]["name"] == ("nudity" if concept == "nudity"
+                                                                              else "default")
+        assert m["resolved"]["templates"] == ["{}"] and m["resolved"]["token_policy"] == "aligned_tail"
+        _no_canvas(m["preset"])
+
+
+# -- the CLI shows the choice and refuses what canvas-mini does not know ---------------------------
+def test_cli_prints_the_kind_and_preset_and_refuses_unknown_concepts(tiny_sd1, tmp_path, capsys):
+    from erasekit.cli.main import main
+
+    tiny_sd1.save_pretrained(tmp_path / "model")
+    base = ["erase", "--method", "uce", "--concept", "Van Gogh", "--model", str(tmp_path / "model")]
+    assert main([*base, "--out", str(tmp_path / "a.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "kind other (guessed" in out and "preset paper/default" in out
+    assert main([*base, "--out", str(tmp_path / "b.safetensors"), "-o", "kind=style"]) == 0
+    out = capsys.readouterr().out
+    assert "kind style (given)" in out and "preset paper/style" in out
+    assert main(["erase", "--method", "uce", "--concept", "Picasso", "--out", str(tmp_path / "c.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "canvas-mini does not know the concept 'Picasso'" in err and "allow_unknown_concept" in err
+    assert not (tmp_path / "c.safetensors").exists()
