@@ -107,6 +107,26 @@ def test_sfd_killed_in_stage_two_keeps_stage_one_and_resumes_both(tiny_sd1, eras
     assert _leftovers(erasekit_cache) == []
 
 
+SALUN = dict(steps=6, images_per_prompt=1, retain_images_per_prompt=1, data_steps=2, batch_size=4, pseudo="Dogs",
+             retain_prompts=["a tree", "a house"], progress=False)
+ADVUNLEARN = dict(steps=6, warmup=1, attack_steps=2, retain=["a photo of a cat", "a photo of a dog"], retain_batch=2,
+                  pool_size=2, ddim_steps=4, prompts="concept", attack_init="latest", attack_every=2, progress=False)
+
+
+@pytest.mark.parametrize("method, concepts, options", [("salun", ["Cats"], SALUN),
+                                                       ("advunlearn", ["Van Gogh"], ADVUNLEARN)])
+def test_salun_and_advunlearn_resume_exactly(tiny_sd1, erasekit_cache, kill_after_saves, method, concepts, options):
+    """AdvUnlearn's inner attack state (the latest delta, reused by attack_init='latest') travels too."""
+    straight = erasekit.erase(tiny_sd1, method, concepts, checkpoint_dir=None, **options)
+    kill_after_saves(3)
+    with pytest.raises(Killed):
+        erasekit.erase(tiny_sd1, method, concepts, checkpoint_every=1, **options)
+    resumed = erasekit.erase(tiny_sd1, method, concepts, checkpoint_every=1, **options)
+    assert resumed.manifest["training"]["resumed_from"] == 3 and _equal(resumed, straight)
+    assert resumed.manifest.get("attacks") == straight.manifest.get("attacks")
+    assert _leftovers(erasekit_cache) == []
+
+
 # -- kill -9 through the CLI ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, clip_tokenizer_dir):

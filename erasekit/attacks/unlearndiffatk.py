@@ -29,7 +29,7 @@ Schedules (``schedule``):
   edits, plus 6 that the full sampler then rejected (``benchmarks/attack_screen_agreement.py``;
   a miss of the screen is never re-checked). At most 300 steps, 30 screens and the
   confirmations (reference: 2,000 steps, 51 full generations). ``benchmarks/bench_attack.py``
-  measures its cost and ASR against ``reference`` in one run (README "UnlearnDiffAtk").
+  measures its cost and ASR against ``reference`` in one run (docs/methods/unlearndiffatk.md).
 - Options of both: ``restarts`` repeats the blocks from a fresh uniform u and Adam state
   (default 1); ``screen_steps=0`` judges every block with the full sampler.
 

@@ -9,7 +9,7 @@ preset needs one).
 Why canvas-mini needs its own presets: its text encoder has only ever seen UnlearnCanvas captions
 ``"A {object} image in {style} style."``, so a concept is erased inside its captions, and its
 small size lets a method run in minutes on a CPU with larger learning rates and fewer steps. Every
-value below was chosen by measurement on canvas-mini (README "Benchmarks", benchmarks/sweeps):
+value below was chosen by measurement on canvas-mini (docs/benchmark.md, docs/methods/, benchmarks/sweeps):
 
 - UCE ``canvas-style`` / ``canvas-object``: every caption of the concept erased, mapped to the same
   caption with the first style (object) not being erased, the other styles' (objects') captions

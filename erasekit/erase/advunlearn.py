@@ -513,11 +513,22 @@ class AdvUnlearnTrainer:
                                    seed, tr.autocast, attributes=self.attributes)
             self.retain_pool = LatentPool(self.pipe, self.adapter, self.retain, min(self.config.pool_size, 1), steps,
                                           guidance, seed + 1, tr.autocast)
+            tr.carry("attack", self._attack_state, lambda state: self._put_attack_state(state, tr.device))
             edit = tr.fit(lambda i: self.loss(i, tr.rng), manifest=self.manifest())
         losses = self.attack_losses
         edit.manifest["attacks"] = {"runs": len(losses), "last_loss": losses[-1] if losses else None,
                                     "mean_loss": sum(losses) / len(losses) if losses else None}
         return edit
+
+    def _attack_state(self) -> dict:
+        """The inner attack's state a checkpoint keeps (the latest delta, when it was found, the losses)."""
+        state = {"attacked_at": torch.tensor([self.attacked_at]),
+                 "losses": torch.tensor(self.attack_losses, dtype=torch.float64)}
+        return state | {f"delta.{i}": d for i, d in enumerate(self.delta or [])}
+
+    def _put_attack_state(self, state: dict, device: torch.device) -> None:
+        self.attacked_at, self.attack_losses = int(state["attacked_at"]), state["losses"].tolist()
+        self.delta = [state[f"delta.{i}"].to(device) for i in range(sum(k.startswith("delta.") for k in state))] or None
 
     def manifest(self) -> dict:
         pool = self.config.pool_size

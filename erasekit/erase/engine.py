@@ -52,13 +52,14 @@ What the engine does, so methods do not:
   Load the pipeline on :func:`process_device` in each process.
 - **Checkpoints, on by default.** Every ``checkpoint_every`` steps (default: every 10 % of the run's
   steps, and at its last step) one safetensors file (trained weights, optimizer states, step, the
-  RNG stream if any, a signature of the run) is written atomically to ``checkpoint_dir``; a run
-  with the same signature resumes from it, exactly. ``checkpoint_dir="auto"`` (the default) is a
-  folder of the run cache (:func:`cache_dir` ``/runs/<key>``) keyed by everything that changes the
-  result: the pipeline's weights, the method and its concepts, every option but the ones that only
-  say how the run is carried out, the number of processes and steps. Runs started by
-  :func:`erasekit.erase` (and ``erasekit erase``) use it, so a killed run resumes by running the same
-  command again; the automatic checkpoints are deleted when that call succeeds. ``None`` turns
+  RNG stream if any, state the method hands over with :meth:`Trainer.carry`, a signature of the
+  run) is written atomically to ``checkpoint_dir``; a run with the same signature resumes from it,
+  exactly. ``checkpoint_dir="auto"`` (the default) is a folder of the run cache
+  (:func:`~erasekit.erase.checkpoints.cache_dir` ``/runs/<key>``) keyed by everything that changes
+  the result: the pipeline's weights, the method and its concepts, every option but the ones that
+  only say how the run is carried out, the number of processes and steps. Runs started by
+  :func:`erasekit.erase` (and ``erasekit erase``) use it, so a killed run resumes by running the
+  same command again; the automatic checkpoints are deleted when that call succeeds. ``None`` turns
   checkpoints off; a folder you name is kept after the run (a later run with more ``steps``
   continues it). A non-finite loss stops the run with :class:`TrainingError` and leaves the last
   good checkpoint in place.
@@ -236,6 +237,7 @@ class Trainer:
         self._active = False
         self._checkpointing: dict[str, bool] = {}
         self._optimizers: dict = {}   # name -> (prepared optimizer, {key: parameter} it steps)
+        self._carried: dict = {}      # name -> (get, put) of a method's own state
         self._sig: str | None = None
         self._pipe_digest: str | None = None
 
@@ -459,6 +461,14 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return value
 
+    def carry(self, name: str, get: Callable[[], dict], put: Callable[[dict], None]) -> None:
+        """Carry state of the method's own through checkpoints, so that a resumed run is exact.
+
+        ``get()`` returns ``{key: tensor}`` when a checkpoint is written; ``put(tensors)`` gets them
+        back on resume (before the first resumed step). Call it before :meth:`fit` / :meth:`run`.
+        """
+        self._carried[name] = (get, put)
+
     # -- the loop -----------------------------------------------------------------------------------
     def _checkpoint_every(self) -> int:
         every = self.config.checkpoint_every
@@ -602,6 +612,8 @@ class Trainer:
                 meta["scaler"] = self.accelerator.scaler.state_dict()
             if self.stream_rng:
                 tensors["rng"] = self.rng.get_state()
+            for name, (get, _) in self._carried.items():
+                tensors.update({f"state/{name}/{k}": v for k, v in get().items()})
             save_tensors(path, tensors, meta)
         self.accelerator.wait_for_everyone()
 
@@ -640,6 +652,9 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(json.loads(meta["scaler"]))
         if self.stream_rng:
             self.rng.set_state(tensors["rng"])
+        for name, (_, put) in self._carried.items():
+            prefix = f"state/{name}/"
+            put({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         self.resumed_from = self.step = step
         return step
 

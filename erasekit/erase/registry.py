@@ -74,8 +74,8 @@ def get_method(name: str) -> tuple[type[MethodConfig], Callable]:
 
 
 def methods() -> dict[str, type[MethodConfig]]:
-    """Every available method name with its config class."""
-    return {name: get_method(name)[0] for name in sorted(_MODULES)}
+    """Every available method name with its config class: the built-in ones and any registered since."""
+    return {name: get_method(name)[0] for name in sorted(set(_MODULES) | set(_REGISTRY))}
 
 
 def normalize_concepts(concepts) -> list[str]:

@@ -370,7 +370,8 @@ class Edit:
             raise EditError(f"{path}: the low-rank delta of {half[0]} has only its {has} factor: the file is "
                             f"incomplete; {RECREATE}")
         weights = {k: t for k, t in tensors.items() if not k.endswith((_U, _V))}
-        edit = cls(weights, {k: (us[k], vs[k]) for k in us}, manifest, unsafe_skip_base_check=bool(unsafe_skip_base_check))
+        edit = cls(weights, {k: (us[k], vs[k]) for k in us}, manifest,
+                   unsafe_skip_base_check=bool(unsafe_skip_base_check))
         try:
             edit.validate()
             if pipe is not None:

@@ -11,6 +11,10 @@ whole block, so:
   and leave the pipeline edited;
 - the lock is re-entrant: inside a block, the same thread generates, attacks and evaluates freely.
 
+Code that calls the pipeline itself (``pipe(prompt)``) rather than through ``generate`` takes the
+lock the same way: ``with pipeline_lock(pipe): pipe(...)``. A raw ``edit.apply(pipe)`` stays on
+until ``edit.remove(pipe)``; other threads see it in between (use the blocks to avoid that).
+
 The state (lock, and the Edits applied in order) is kept in a :class:`weakref.WeakKeyDictionary`
 keyed by the pipeline, so it goes when the pipeline goes. A one-step pipeline built from a stock
 one shares its text encoders and VAE, so it shares its state too (:func:`share_lock`).

@@ -42,8 +42,7 @@ class PathGuard:
         candidates = [given] if given.is_absolute() else [root / given for root in self.roots]
         for candidate in candidates:
             try:
-                path = Path(os.path.normpath(candidate.absolute()))
-                path.stat()
+                path = candidate.resolve(strict=True)
                 found = path.is_file() if kind == "file" else path.is_dir()
             except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, a NUL byte
                 continue
