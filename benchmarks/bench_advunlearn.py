@@ -6,7 +6,7 @@
     python benchmarks/bench_advunlearn.py --canvas Van_Gogh Pop_Art Cubism Winter Cats Towers Flowers Fishes
     python benchmarks/bench_advunlearn.py --canvas Van_Gogh --methods advunlearn --option advunlearn.lr=3e-4
 
-``--canvas`` (acceptance, issue 6): for each target, erase it from canvas-mini with ESD and with
+``--canvas``: for each target, erase it from canvas-mini with ESD and with
 AdvUnlearn (both at their defaults), then for each Edit (1) UnlearnDiffAtk with the same budget
 (its default config) on the target's 10 captions "A {object} image in {style} style." at seed 0,
 judged by the canvas judge: ASR (includes pre-ASR); (2) the 10 x 10 caption grid at ``--seeds``

@@ -74,14 +74,38 @@ def resolved(pipe, concept: str, **options) -> dict:
     out["advunlearn"] = {**advunlearn.preset(pipe, [concept], c, ctx),
                          "prompts": advunlearn.concept_prompts([concept], "auto", ctx),
                          "retain": advunlearn.retain_prompts([concept], "auto", ctx)[:3]}
-    c = sfd.SFDConfig(retain_prompts=("a tree",), **options)
-    sets = sfd.prompt_sets([concept], c, concept_context(pipe, [concept], c))
-    out["sfd"] = {"forget": sets.forget, "choices": [ch for _, ch in sets.swaps]}
+    out["sfd"] = sfd_resolved(pipe, concept, **options)
     return out
 
 
-def _check_paper(r: dict, concept: str) -> None:
-    """The papers' defaults (docs/presets.md) for ``concept`` with its guessed kind."""
+def sfd_resolved(pipe, concept: str, **options) -> dict:
+    """SFD's prompts, preset name and every preset option as resolved for ``concept`` on ``pipe``."""
+    c = sfd.SFDConfig(retain_prompts=("a tree",), **options)
+    ctx = concept_context(pipe, [concept], c)
+    sets = sfd.prompt_sets([concept], c, ctx)
+    full, name = sfd.resolve(pipe, [concept], c, ctx)
+    return {"forget": sets.forget, "choices": [ch for _, ch in sets.swaps], "preset": name,
+            **{k: getattr(full, k) for k in sfd.PRESET_KEYS}}
+
+
+# SFD's reference SD v1.5 recipe (sfd.md section 6, docs/presets.md) and canvas-mini's measured values.
+SFD_REFERENCE = dict(iterations=12_500, distill_iterations=12_500, batch_size=8, forget_batch_size=8, lr_psi=3e-6,
+                     lr_theta=1e-6, adam_betas=(0.0, 0.999), adam_eps=1e-6, alpha=1.0, lam_g_r=1.0, lam_g_f=1.0,
+                     lam_sg_r=1.0, lam_sg_f=1.0, t_init=625, t_min=20, t_max=979, kappa=4.5, cfg_dropout=0.1,
+                     grad_clip=1.0, ema_decay=0.0, pseudo_label="next")
+SFD_CANVAS = dict(iterations=200, distill_iterations=400, batch_size=10, forget_batch_size=2, lr_psi=3e-4,
+                  lr_theta=1e-4, adam_betas=(0.0, 0.999), adam_eps=1e-6, alpha=1.0, lam_g_r=1.0, lam_g_f=0.1,
+                  lam_sg_r=1.0, lam_sg_f=1.0, t_init=625, t_min=20, t_max=979, kappa=1.5, cfg_dropout=0.1,
+                  grad_clip=1.0, ema_decay=0.0, pseudo_label="next", mixed_precision="no",
+                  gradient_checkpointing=False)
+
+
+def _sfd_numbers(r: dict) -> dict:
+    return {k: v for k, v in r["sfd"].items() if k not in ("forget", "choices", "preset")}
+
+
+def _check_paper(r: dict, concept: str, full_size: bool = False) -> None:
+    """The papers' defaults (docs/presets.md) for ``concept`` with its guessed kind (on a CPU or meta model)."""
     nude = concept == "nudity"
     assert r["uce"]["preset"] == ("nudity" if nude else "default")
     assert (r["uce"]["guides"], r["uce"]["token_policy"], r["uce"]["templates"]) == (
@@ -95,7 +119,8 @@ def _check_paper(r: dict, concept: str) -> None:
     assert (a["steps"], a["lr"], a["k"], a["attack_steps"], a["ddim_steps"], a["eta"]) == (1000, 1e-5, 1, 30, 50, 1.0)
     assert a["gamma"] == (0.3 if nude else 0.5) and a["prompts"] == [concept]
     assert all(p.startswith("a photo of a ") for p in a["retain"])
-    assert r["sfd"] == {"forget": [concept], "choices": [[""]]}
+    assert (r["sfd"]["forget"], r["sfd"]["choices"], r["sfd"]["preset"]) == ([concept], [[""]], "reference")
+    assert _sfd_numbers(r) == {**SFD_REFERENCE, "mixed_precision": "no", "gradient_checkpointing": full_size}
     _no_canvas(r)
 
 
@@ -130,9 +155,38 @@ def test_real_model_concepts_resolve_paper_presets(tiny_sd1, concept):
 
 def test_full_size_sd14_resolves_paper_presets(sd14_meta):
     for concept in REAL:
-        _check_paper(resolved(sd14_meta, concept), concept)
+        _check_paper(resolved(sd14_meta, concept), concept, full_size=True)
     a = advunlearn.preset(sd14_meta, ["Van Gogh"], advunlearn.AdvUnlearnConfig())
     assert a["gradient_checkpointing"] is True   # a full-size UNet checkpoints its activations
+
+
+def test_sfd_reference_precision_follows_the_device_and_size(tiny_sd1):
+    """bf16 autocast on a GPU, gradient checkpointing for full-size UNets; neither on a tiny CPU model."""
+    from types import SimpleNamespace
+
+    big_gpu = SimpleNamespace(unet=SimpleNamespace(device=torch.device("cuda"), config=SimpleNamespace(sample_size=64)))
+    assert {k: sfd.reference_preset(big_gpu)[k] for k in ("mixed_precision", "gradient_checkpointing")} == {
+        "mixed_precision": "bf16", "gradient_checkpointing": True}
+    assert {k: sfd_resolved(tiny_sd1, "cat")[k] for k in ("mixed_precision", "gradient_checkpointing")} == {
+        "mixed_precision": "no", "gradient_checkpointing": False}
+
+
+def test_sfd_given_options_win_over_either_preset(tiny_sd1, canvas_pipe):
+    given = dict(kappa=2.0, iterations=3, lam_g_f=0.5, mixed_precision="bf16", gradient_checkpointing=True)
+    for pipe, base in ((tiny_sd1, SFD_REFERENCE), (canvas_pipe, SFD_CANVAS)):
+        r = _sfd_numbers({"sfd": sfd_resolved(pipe, "Van Gogh", **given)})
+        assert r == {**base, "mixed_precision": "no", "gradient_checkpointing": False, **given}
+
+
+def test_sfd_records_the_reference_recipe_on_real_models(tiny_sd1):
+    m = erasekit.erase(tiny_sd1, "sfd", ["cat"], iterations=1, distill_iterations=0, batch_size=1,
+                       forget_batch_size=1, retain_prompts=("a photo of a dog",), checkpoint_dir=None,
+                       progress=False).manifest
+    assert (m["preset"]["provider"], m["preset"]["name"]) == ("paper", "reference")
+    expected = {**SFD_REFERENCE, "iterations": 1, "distill_iterations": 0, "batch_size": 1, "forget_batch_size": 1,
+                "adam_betas": [0.0, 0.999], "mixed_precision": "no", "gradient_checkpointing": False}
+    assert {k: m["preset"]["values"][k] for k in expected} == expected
+    assert {k: m["resolved"][k] for k in expected} == expected
 
 
 def test_explicit_kind_selects_the_kind_presets(tiny_sd1):
@@ -183,6 +237,7 @@ def test_canvas_presets_resolve_on_canvas_mini(canvas_pipe):
     assert (r["salun"]["preset"], r["salun"]["param_set"], r["salun"]["lr"]) == ("canvas", "xattn", 1e-4)
     assert (r["advunlearn"]["k"], r["advunlearn"]["steps"], r["advunlearn"]["lr"]) == (3, 300, 1e-3)
     assert len(r["sfd"]["forget"]) == 50 and r["sfd"]["choices"] == [["Watercolor"]]
+    assert r["sfd"]["preset"] == "canvas" and _sfd_numbers(r) == SFD_CANVAS
     cats = resolved(canvas_pipe, "Cats")
     assert cats["uce"]["preset"] == "canvas-object" and cats["salun"]["lr"] == 3e-4
     assert cats["advunlearn"]["eta"] == 3.0   # objects in the attribute form

@@ -63,6 +63,13 @@ def world(tmp_path, tiny):
     return session, root, outside
 
 
+def _module(name: str):
+    """The module itself (``erasekit.erase`` is also the name of a function, so dotted strings mislead)."""
+    import importlib
+
+    return importlib.import_module(name)
+
+
 def _message(fn, *args) -> str:
     with pytest.raises(ErasekitError) as info:
         fn(*args)
@@ -139,7 +146,7 @@ def test_only_the_offered_models_load(world, tmp_path, monkeypatch, model):
     def never(name, *a, **k):
         raise AssertionError(f"load_pipeline({name!r}) must not be called")
 
-    monkeypatch.setattr("erasekit.pipelines.loading.load_pipeline", never)
+    monkeypatch.setattr(_module("erasekit.pipelines.loading"), "load_pipeline", never)
     message = _message(_compare, session, None, "uce", "Van Gogh", 2, model.replace("DIR", str(tmp_path)))
     assert "is not offered by this preview" in message and "tiny-sd1, canvas-mini" in message
     assert list(session.pipes) == [MODEL]
@@ -147,7 +154,8 @@ def test_only_the_offered_models_load(world, tmp_path, monkeypatch, model):
 
 def test_models_given_at_launch_are_offered(tiny, monkeypatch):
     loaded = []
-    monkeypatch.setattr("erasekit.pipelines.loading.load_pipeline", lambda name: loaded.append(name) or tiny)
+    monkeypatch.setattr(_module("erasekit.pipelines.loading"), "load_pipeline",
+                        lambda name: loaded.append(name) or tiny)
     session = preview.PreviewSession(tiny, MODEL, models=["other"])
     assert session.models == [MODEL, "canvas-mini", "other"]
     with session.job("other"):
@@ -247,7 +255,7 @@ def _fine_tune(pipe, method, concepts):
 
 def test_cancel_stops_a_fine_tune_and_restores_the_pipeline(world, tiny, monkeypatch):
     session, *_ = world
-    monkeypatch.setattr("erasekit.erase.registry.erase", _fine_tune)
+    monkeypatch.setattr(_module("erasekit.erase.registry"), "erase", _fine_tune)
     before = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
     handle, count, said = _cancel_after(session, tiny, "visitor", calls=5)
     try:
@@ -308,7 +316,8 @@ def test_a_job_waiting_for_the_pipeline_can_be_cancelled(world):
 
 def test_method_runs_report_progress(world, monkeypatch):
     session, *_ = world
-    monkeypatch.setattr("erasekit.erase.registry.erase", lambda pipe, method, concepts: _zero_values_edit(pipe))
+    monkeypatch.setattr(_module("erasekit.erase.registry"), "erase",
+                        lambda pipe, method, concepts: _zero_values_edit(pipe))
     said = []
     session.compare(MODEL, None, "esd", "Van Gogh", PROMPT, 0, 2, "", lambda *a, **k: said.append(k["desc"]))
     assert said and "esd" in said[0] and "Cancel" in said[0]
@@ -323,7 +332,7 @@ def test_the_edit_cache_keeps_the_last_few(world, monkeypatch):
         runs.append(concepts[0])
         return _zero_values_edit(pipe, concepts[0])
 
-    monkeypatch.setattr("erasekit.erase.registry.erase", fake_erase)
+    monkeypatch.setattr(_module("erasekit.erase.registry"), "erase", fake_erase)
     pipe = session.pipes[MODEL]
     paths = {c: session.edit(pipe, MODEL, None, "esd", c)[1] for c in ("A", "B", "C")}
     assert len(session.edits) == 2 and not paths["A"].exists() and paths["C"].exists()
@@ -338,9 +347,10 @@ def test_download_gives_the_edit_file(world, monkeypatch):
 
     session, root, _ = world
     made = []
-    monkeypatch.setattr("erasekit.erase.registry.erase",
+    monkeypatch.setattr(_module("erasekit.erase.registry"), "erase",
                         lambda pipe, method, concepts: made.append(_zero_values_edit(pipe, concepts[0])) or made[-1])
     *_, path = _compare(session, None, "esd", "Van Gogh")
+    assert path and path.endswith(".safetensors")
     loaded = Edit.load(path, pipe=session.pipes[MODEL])
     assert loaded.manifest["concepts"] == ["Van Gogh"] and loaded.keys == made[0].keys
     assert all(torch.equal(loaded.weights[k], made[0].weights[k]) for k in made[0].weights)
@@ -379,7 +389,7 @@ def test_a_job_error_leaves_the_pipeline_usable(world, monkeypatch):
     def broken(pipe, method, concepts):
         raise ConfigError("bad option")
 
-    monkeypatch.setattr("erasekit.erase.registry.erase", broken)
+    monkeypatch.setattr(_module("erasekit.erase.registry"), "erase", broken)
     assert _message(_compare, session, None, "esd") == "bad option"
     assert not session.pipes[MODEL].unet._forward_pre_hooks
     assert "zero-values" in _compare(session, "inside.safetensors")[2]

@@ -24,7 +24,9 @@ value below was chosen by measurement on canvas-mini (docs/benchmark.md, docs/me
   as c_e; objects in the attribute form with eta 3, styles as whole captions; retain = the other
   captions.
 - SFD: c_f = every caption (all paraphrase templates) of the concept, c_o = the same caption with
-  the next retained label of the same kind, C_r = every other caption.
+  the next retained label of the same kind, C_r = every other caption; 400 distillation + 200
+  forgetting iterations at batch 10 + 2, lr 3e-4 / 1e-4, kappa 1.5, lam_g_f 0.1, fp32 without
+  gradient checkpointing (docs/methods/sfd.md).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ SALUN = dict(steps=100, lr=1e-4, alpha=0.5, images_per_prompt=8, retain_images_p
 SALUN_OBJECT_LR = 3e-4
 ADVUNLEARN = dict(steps=300, lr=1e-3, k=3, pgd_steps=10, ddim_steps=20)
 ADVUNLEARN_ATTRIBUTE_ETA = 3.0
+SFD = dict(iterations=200, distill_iterations=400, batch_size=10, forget_batch_size=2, lr_psi=3e-4, lr_theta=1e-4,
+           adam_betas=(0.0, 0.999), adam_eps=1e-6, alpha=1.0, lam_g_r=1.0, lam_g_f=0.1, lam_sg_r=1.0, lam_sg_f=1.0,
+           t_init=625, t_min=20, t_max=979, kappa=1.5, cfg_dropout=0.1, grad_clip=1.0, ema_decay=0.0,
+           pseudo_label="next", mixed_precision="no", gradient_checkpointing=False)
 
 
 def _key(name: str) -> str:
@@ -194,6 +200,10 @@ class CanvasPresets:
         return ADVUNLEARN_ATTRIBUTE_ETA
 
     # -- SFD ---------------------------------------------------------------------------------
+    def sfd_preset(self, ctx) -> tuple[str, dict]:
+        """SFD's numeric options on canvas-mini (any concept: they follow the model's size)."""
+        return "canvas", dict(SFD)
+
     def sfd_prompts(self, ctx, pseudo_label: str, choose: bool = True) -> dict | None:
         """Words, safe choices per concept (``choose``), and the forget / retain captions when all are labels."""
         from ..errors import ConfigError

@@ -17,9 +17,9 @@ above when ``c_from = c``.
 x_t (esd.md section 4): per iteration draw ``k ~ U{0..T-1}``, run DDIM (eta_ddim 0, ``ddim_steps`` =
 T, classifier-free guidance ``sample_guidance`` with condition c) from pure noise over the first k
 timesteps, and query the aligned timestep ``t = timesteps[k]``. ``sampler="frozen"`` samples with
-the original weights, as the diffusers rewrite does and as issue 5 asks (default);
-``sampler="trained"`` samples with the weights being trained, as the paper-era CompVis script does.
-(Deviation: esd.md's toolkit table defaults to "trained"; the issue wins.)
+the original weights, as the diffusers rewrite does (default: the target then does not drift with
+the weights being trained); ``sampler="trained"`` samples with the weights being trained, as the
+paper-era CompVis script does. (Deviation: esd.md's toolkit table defaults to "trained".)
 
 Prompts: the reference conditions on the concept text itself and, for several concepts, samples
 one per iteration; here one (c, c_from) pair is sampled per iteration (:func:`esd_pairs`): by

@@ -47,38 +47,55 @@ of the same kind that is not being forgotten, by default (``pseudo_label="next"`
 the world's list, fixed for the run, as the reference's shipped configurations fix one override
 (DDPM class 0 -> class 1, "brad pitt" -> "a middle aged man"); ``pseudo_label="rand"`` draws one per
 sample (the reference DDPM's ``pseudo_label_type="rand"``), which on canvas-mini forgets less and
-costs the other styles more (a moving target: README, SFD); the prompts are its captions (every
-unique template). On other models the concept is replaced by "" and ``retain_prompts`` is required.
+costs the other styles more (a moving target: docs/methods/sfd.md); the prompts are its captions
+(every unique template). On other models the concept is replaced by "" and ``retain_prompts`` is required.
 
-Defaults are for canvas-mini on a 2-core CPU; the reference values, for comparison:
+Presets (:func:`resolve`): every option of :data:`PRESET_KEYS` left at None takes the value of the
+model's preset, recorded with the others in the Edit's manifest (``preset``, ``resolved``); an option
+you give always wins. Every model without a provider of its own gets ``reference``, the SD v1.5
+recipe of the reference code (:data:`REFERENCE`; sfd.md section 6, SD/run_sfd.sh); canvas-mini's
+provider gives ``canvas``, chosen by measurement on a 2-core CPU. The DDPM recipe, for comparison:
 
-=====================  =================  ===========================  ===========================
-knob                   canvas-mini        SD v1.5 (reference)          DDPM CIFAR-10 (reference)
-=====================  =================  ===========================  ===========================
-alpha                  1.0                1.0                          1.2
-lam g_r/g_f/sg_r/sg_f  1 / 0.1 / 1 / 1    1 / 1 / 1 / 1                1 / 0.01 / 1 / 0.01
-lr psi / theta         3e-4 / 1e-4        3e-6 / 1e-6                  3e-5 / 1e-5 (two-stage)
-Adam                   (0, 0.999), 1e-6   (0, 0.999), 1e-6             (0, 0.999), 1e-8
-batch (retain+forget)  10 + 2             8 (global)                   128
-iterations             400 + 200          G from SiD-LSG + 12.5k       50k (+ 50k two-stage)
-t_init; t range        625; U{20..979}    625; U{20..979}              440; U{38..711}
-kappa                  1.5 (10 % "")      4.5 (10 % "" for psi)        none
-precision              fp32 (CPU)         bf16 autocast, fp32 master   fp32
-grad checkpointing     off                on                           off
-G EMA                  off                off                          0.9999
-=====================  =================  ===========================  ===========================
+=====================  ===========================  =================  ===========================
+knob                   ``reference`` (SD v1.5)      ``canvas``         DDPM CIFAR-10 (reference)
+=====================  ===========================  =================  ===========================
+alpha                  1.0                          1.0                1.2
+lam g_r/g_f/sg_r/sg_f  1 / 1 / 1 / 1                1 / 0.1 / 1 / 1    1 / 0.01 / 1 / 0.01
+lr psi / theta         3e-6 / 1e-6                  3e-4 / 1e-4        3e-5 / 1e-5 (two-stage)
+Adam betas, eps        (0, 0.999), 1e-6             (0, 0.999), 1e-6   (0, 0.999), 1e-8
+batch retain + forget  8 + 8 per process            10 + 2             128
+iterations             12.5k + 12.5k                400 + 200          50k (+ 50k two-stage)
+t_init; t range        625; U{20..979}              625; U{20..979}    440; U{38..711}
+kappa                  4.5 (10 % "" for psi)        1.5 (10 % "")      none
+precision              bf16 autocast on GPU, else   fp32               fp32
+                       fp32 (fp32 master weights)
+grad checkpointing     on for full-size models      off                off
+                       (latents > 32 px)
+grad value clip; EMA   1.0; off                     1.0; off           1.0; 0.9999
+safe label             ``next`` (fixed)             ``next`` (fixed)   fixed override
+=====================  ===========================  =================  ===========================
 
-Three defaults depart from the SD recipe, each measured on canvas-mini (README, SFD): kappa 1.5
-(SiD-LSG's other published scale; plain distillation kept 64 % style accuracy at 4.5, 86 % at 1.5),
-lam_g_f 0.1 (at 1 the forgetting term costs the other styles 20 points of accuracy; the DDPM recipe
-uses 0.01) and the fixed ``pseudo_label`` "next" on canvas concepts.
+``reference`` follows the reference's SD run: 8 retain and 8 forget prompts per iteration (its
+global batch, drawn once each for the retain and the forget iterator; here per process, so divide
+by the number of processes to match it on several GPUs), 12.5k iterations (100 kimg, the
+checkpoint its README evaluates). The reference starts the forgetting from SiD-LSG's one-step SD 1.5
+generator; give it (converted to a diffusers UNet folder) as ``generator_init``, or stage 1 distils
+one here with the same budget as stage 2 (``distill_iterations``; the reference has no stage 1 for SD).
+The reference trains pure fp16 weights without master copies, which its upstream users report
+degrading (sfd.md, Pitfalls); here bf16 autocast with fp32 master weights.
+
+Three ``canvas`` values depart from the SD recipe, each measured on canvas-mini (docs/methods/sfd.md):
+kappa 1.5 (SiD-LSG's other published scale; plain distillation kept 64 % style accuracy at 4.5, 86 % at
+1.5), lam_g_f 0.1 (at 1 the forgetting term costs the other styles 20 points of accuracy; the DDPM
+recipe uses 0.01) and the fixed ``pseudo_label`` "next" on canvas concepts; its budget (400 + 200
+iterations, batch 10 + 2, lr 3e-4 / 1e-4, fp32) fits minutes on a CPU.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -94,38 +111,66 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def _preset(help: str):
+    """An option whose default (None) is the model's preset's value (:func:`resolve`)."""
+    return _f(None, f"{help} (None: the model's preset)")
+
+
+# The reference's SD v1.5 recipe (sfd.md section 6 and "Defaults (toolkit)"; tqch/score-forgetting-distillation
+# SD/run_sfd.sh and SD/training/training_loop.py): every model without a preset of its own.
+REFERENCE = dict(iterations=12_500, distill_iterations=12_500, batch_size=8, forget_batch_size=8, lr_psi=3e-6,
+                 lr_theta=1e-6, adam_betas=(0.0, 0.999), adam_eps=1e-6, alpha=1.0, lam_g_r=1.0, lam_g_f=1.0,
+                 lam_sg_r=1.0, lam_sg_f=1.0, t_init=625, t_min=20, t_max=979, kappa=4.5, cfg_dropout=0.1,
+                 grad_clip=1.0, ema_decay=0.0, pseudo_label="next")
+FULL_SIZE_LATENT = 32   # UNets with larger latents (SD 1.x/2.x: 64, SDXL: 128) checkpoint their activations
+# The options a preset fills (a None field takes the preset's value).
+PRESET_KEYS = (*REFERENCE, "mixed_precision", "gradient_checkpointing")
+
+
+def reference_preset(pipe) -> dict:
+    """:data:`REFERENCE` with the reference's precision for ``pipe``: bf16 autocast on GPU (fp32 master
+    weights), gradient checkpointing of the three UNets on full-size models."""
+    unet = pipe.unet
+    return {**REFERENCE, "mixed_precision": "bf16" if unet.device.type == "cuda" else "no",
+            "gradient_checkpointing": int(unet.config.sample_size) > FULL_SIZE_LATENT}
+
+
 @dataclass
 class SFDConfig(RunConfig):
-    """Options of :func:`sfd` (see the module docstring for the equations and reference values).
+    """Options of :func:`sfd` (see the module docstring for the equations and the presets).
 
-    The engine's options (mixed precision, gradient checkpointing of all three UNets, seed of z, t,
-    eps, prompt choice and dropout, checkpoints, progress) come from :class:`RunConfig`.
+    ``None`` means "the model's preset" (:func:`resolve`): the reference's SD v1.5 recipe, or the
+    values the model's preset provider gives (canvas-mini's). The engine's options (seed of z, t,
+    eps, prompt choice and dropout, checkpoints, progress, and mixed precision and gradient
+    checkpointing of all three UNets, which are preset options here too) come from :class:`RunConfig`.
     """
 
-    iterations: int = _f(200, "alternating psi/theta iterations of SFD (stage 2)")
-    distill_iterations: int = _f(400, "stage 1 without `generator_init`: plain SiD distillation iterations "
-                                      "that make the one-step generator SFD starts from (0 = start from the "
-                                      "teacher; skipped when forget_batch_size is 0)")
-    batch_size: int = _f(10, "retain conditions (C_r) per iteration")
-    forget_batch_size: int = _f(2, "forget conditions (c_f) per iteration; 0 = plain SiD distillation")
-    lr_psi: float = _f(3e-4, "Adam learning rate of the fake score psi")
-    lr_theta: float = _f(1e-4, "Adam learning rate of the generator theta")
-    adam_betas: tuple[float, float] = _f((0.0, 0.999), "Adam betas of both optimisers")
-    adam_eps: float = _f(1e-6, "Adam epsilon of both optimisers")
-    alpha: float = _f(1.0, "SiD alpha (1.0 SD, 1.2 DDPM)")
-    lam_g_r: float = _f(1.0, "weight of the remain (distillation) term L_r in the generator loss")
-    lam_g_f: float = _f(0.1, "weight of the forgetting term L_MU in the generator loss")
-    lam_sg_r: float = _f(1.0, "weight of retain samples in the fake-score loss")
-    lam_sg_f: float = _f(1.0, "weight of forget samples in the fake-score loss")
-    t_init: int = _f(625, "the generator's fixed timestep (625 SD schedule, 440 DDPM linear)")
-    t_min: int = _f(20, "smallest timestep of both losses")
-    t_max: int = _f(979, "largest timestep of both losses")
-    kappa: float = _f(1.5, "SiD-LSG guidance scale of psi and the teacher (1 = no guidance)")
-    cfg_dropout: float = _f(0.1, "fraction of psi's training conditions replaced by the unconditional prompt")
+    iterations: int | None = _preset("alternating psi/theta iterations of SFD (stage 2)")
+    distill_iterations: int | None = _preset("stage 1 without `generator_init`: plain SiD distillation iterations "
+                                             "that make the one-step generator SFD starts from (0 = start from "
+                                             "the teacher; skipped when forget_batch_size is 0)")
+    batch_size: int | None = _preset("retain conditions (C_r) per iteration and process")
+    forget_batch_size: int | None = _preset("forget conditions (c_f) per iteration and process; 0 = plain SiD "
+                                            "distillation")
+    lr_psi: float | None = _preset("Adam learning rate of the fake score psi")
+    lr_theta: float | None = _preset("Adam learning rate of the generator theta")
+    adam_betas: tuple[float, float] | None = _preset("Adam betas of both optimisers")
+    adam_eps: float | None = _preset("Adam epsilon of both optimisers")
+    alpha: float | None = _preset("SiD alpha (1.0 SD, 1.2 DDPM)")
+    lam_g_r: float | None = _preset("weight of the remain (distillation) term L_r in the generator loss")
+    lam_g_f: float | None = _preset("weight of the forgetting term L_MU in the generator loss")
+    lam_sg_r: float | None = _preset("weight of retain samples in the fake-score loss")
+    lam_sg_f: float | None = _preset("weight of forget samples in the fake-score loss")
+    t_init: int | None = _preset("the generator's fixed timestep (625 SD schedule, 440 DDPM linear)")
+    t_min: int | None = _preset("smallest timestep of both losses")
+    t_max: int | None = _preset("largest timestep of both losses")
+    kappa: float | None = _preset("SiD-LSG guidance scale of psi and the teacher (1 = no guidance)")
+    cfg_dropout: float | None = _preset("fraction of psi's training conditions replaced by the unconditional "
+                                        "prompt")
     negative_prompt: str = _f("", "unconditional branch on the forget side (teacher and psi), e.g. an NSFW list")
     stop_gradient: bool = _f(False, "DMD-style variant: no gradient through the teacher and psi")
-    grad_clip: float = _f(1.0, "element-wise gradient value clip of both networks (0 = off)")
-    ema_decay: float = _f(0.0, "EMA of the generator weights (0 = off, as the SD recipe)")
+    grad_clip: float | None = _preset("element-wise gradient value clip of both networks (0 = off)")
+    ema_decay: float | None = _preset("EMA of the generator weights (0 = off, as the SD recipe)")
     forget_prompts: tuple[str, ...] | None = _f(None, "prompts showing the concept ('{}' = the concept); "
                                                       "None: the model's prompts of the concept (canvas-mini: "
                                                       "its captions), else the concept itself")
@@ -135,28 +180,40 @@ class SFDConfig(RunConfig):
                                                       "other concepts (canvas-mini's captions; required elsewhere)")
     override: str | None = _f(None, "text replacing the concept in c_o, e.g. 'a middle aged man'; None: the "
                                     "model's safe concept (canvas-mini: another label, see `pseudo_label`) or ''")
-    pseudo_label: str = _f("next", "safe label when `override` is None on a model with labels (canvas-mini): "
-                                   "'next' = the next retained label of the same kind, fixed; 'rand' = a random "
-                                   "retained label per sample")
+    pseudo_label: str | None = _preset("safe label when `override` is None on a model with labels (canvas-mini): "
+                                       "'next' = the next retained label of the same kind, fixed; 'rand' = a "
+                                       "random retained label per sample")
     generator_init: str | None = _f(None, "start G from a one-step generator: an SFD/SiD Edit file (e.g. a "
                                           "stage-1 run with forget_batch_size=0) or a diffusers UNet folder")
+    mixed_precision: str | None = _f(None, "no, bf16, or fp16 (GPU only); weights train in fp32 (None: the "
+                                           "preset's; reference: bf16 on GPU, no on CPU)")
+    gradient_checkpointing: bool | None = _f(None, "recompute the three UNets' activations in backward (None: the "
+                                                   "preset's; reference: on for full-size models)")
 
     def validate(self) -> None:
-        super().validate()
+        mp = self.mixed_precision  # None (the preset's) passes the engine's check as "no"
+        self.mixed_precision = "no" if mp is None else mp
+        try:
+            super().validate()
+        finally:
+            self.mixed_precision = mp
+        given = {name: getattr(self, name) for name in PRESET_KEYS if getattr(self, name) is not None}
         for name in ("iterations", "distill_iterations", "forget_batch_size", "t_min"):
-            check(getattr(self, name) >= 0, f"`{name}` must be >= 0 but is {getattr(self, name)}")
+            check(given.get(name, 0) >= 0, f"`{name}` must be >= 0 but is {given.get(name)}")
         for name in ("batch_size", "t_init"):
-            check(getattr(self, name) >= 1, f"`{name}` must be >= 1 but is {getattr(self, name)}")
+            check(given.get(name, 1) >= 1, f"`{name}` must be >= 1 but is {given.get(name)}")
         for name in ("lr_psi", "lr_theta", "adam_eps", "kappa"):
-            check(getattr(self, name) > 0, f"`{name}` must be > 0 but is {getattr(self, name)}")
+            check(given.get(name, 1) > 0, f"`{name}` must be > 0 but is {given.get(name)}")
         for name in ("alpha", "lam_g_r", "lam_g_f", "lam_sg_r", "lam_sg_f", "grad_clip"):
-            check(getattr(self, name) >= 0, f"`{name}` must be >= 0 but is {getattr(self, name)}")
-        check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+            check(given.get(name, 0) >= 0, f"`{name}` must be >= 0 but is {given.get(name)}")
+        betas = given.get("adam_betas", (0.0, 0.0))
+        check(len(betas) == 2 and all(0 <= b < 1 for b in betas),
               f"`adam_betas` must be two numbers in [0, 1) but is {self.adam_betas}")
-        check(self.t_min <= self.t_max, f"`t_min` must be <= `t_max` but is {self.t_min} > {self.t_max}")
-        check(0 <= self.cfg_dropout < 1, f"`cfg_dropout` must be in [0, 1) but is {self.cfg_dropout}")
-        check(0 <= self.ema_decay < 1, f"`ema_decay` must be in [0, 1) but is {self.ema_decay}")
-        check(self.pseudo_label in ("next", "rand"),
+        if self.t_min is not None and self.t_max is not None:
+            check(self.t_min <= self.t_max, f"`t_min` must be <= `t_max` but is {self.t_min} > {self.t_max}")
+        check(0 <= given.get("cfg_dropout", 0) < 1, f"`cfg_dropout` must be in [0, 1) but is {self.cfg_dropout}")
+        check(0 <= given.get("ema_decay", 0) < 1, f"`ema_decay` must be in [0, 1) but is {self.ema_decay}")
+        check(given.get("pseudo_label", "next") in ("next", "rand"),
               f"`pseudo_label` must be 'next' or 'rand' but is {self.pseudo_label!r}")
         for name in ("forget_prompts", "safe_prompts", "retain_prompts"):
             value = getattr(self, name)
@@ -166,6 +223,18 @@ class SFDConfig(RunConfig):
             check(self.forget_prompts is not None and len(self.safe_prompts) == len(self.forget_prompts),
                   "`safe_prompts` must pair up with `forget_prompts` (same length) but got "
                   f"{len(self.safe_prompts)} safe for {len(self.forget_prompts or ())} forget prompts")
+
+
+def resolve(pipe, concepts: list[str], config: SFDConfig, ctx=None) -> tuple[SFDConfig, str]:
+    """``config`` with every ``None`` preset option (:data:`PRESET_KEYS`) filled, and the preset's name.
+
+    The model's preset provider gives the values (canvas-mini: ``canvas``, measured there), else they
+    are the reference's SD v1.5 recipe (``reference``, :func:`reference_preset`). Options you give win.
+    """
+    ctx = ctx or concept_context(pipe, concepts, config)
+    name, values = ctx.ask("sfd_preset") or ("reference", reference_preset(pipe))
+    missing = {key: values[key] for key in PRESET_KEYS if getattr(config, key) is None}
+    return (replace(config, **missing) if missing else config), name
 
 
 # -- conditions ---------------------------------------------------------------------------------
@@ -197,7 +266,8 @@ def prompt_sets(concepts: list[str], config: SFDConfig, ctx=None) -> PromptSets:
     same kind); otherwise the concept itself is c_f, '' replaces it in c_o and C_r must be given.
     """
     ctx = ctx or concept_context(None, concepts, config)
-    world = ctx.ask("sfd_prompts", config.pseudo_label, config.override is None) or {}
+    pseudo = config.pseudo_label or (ctx.ask("sfd_preset") or ("reference", REFERENCE))[1]["pseudo_label"]
+    world = ctx.ask("sfd_prompts", pseudo, config.override is None) or {}
     words = world.get("words") or {c: c for c in concepts}
     if config.forget_prompts is not None:
         forget = [p.format(words[c]) for p in config.forget_prompts for c in concepts] if any(
@@ -283,18 +353,23 @@ class Batch:
 class SFDTrainer:
     """The three networks, both optimisers and the alternation; ``with SFDTrainer(...) as tr: tr.train()``.
 
+    ``config``'s preset options left at None are resolved for the model first (:func:`resolve`;
+    ``ctx``: the concepts on the model, when the caller has them already).
+
     The teacher is the pipeline's UNet: frozen for the duration of the ``with`` block (its
     ``requires_grad`` flags are restored on exit) and never stepped. The loop, precision, seeding
     (one generator stream, ``seed + rank``), checkpoints and resume are the shared engine's
     (:class:`~erasekit.erase.engine.Trainer` over the networks ``psi``, ``G`` and the EMA, if kept).
     """
 
-    def __init__(self, pipe, concepts: list[str], config: SFDConfig, generator: dict | None = None):
+    def __init__(self, pipe, concepts: list[str], config: SFDConfig, generator: dict | None = None, ctx=None):
         from ..pipelines.family import FamilyAdapter
         from ..pipelines.one_step import alphas_cumprod
 
-        self.pipe, self.config, self.concepts = pipe, config, list(concepts)
-        self.ctx = concept_context(pipe, self.concepts, config)
+        self.pipe, self.concepts = pipe, list(concepts)
+        self.ctx = ctx or concept_context(pipe, self.concepts, config)
+        config, self.preset = resolve(pipe, self.concepts, config, self.ctx)
+        self.config = config
         self.prompts = prompt_sets(self.concepts, config, self.ctx)
         self.adapter = FamilyAdapter(pipe)
         self.teacher = pipe.unet
@@ -478,7 +553,8 @@ def sfd(pipe, concepts: list[str], config: SFDConfig):
     generator that the forgetting stage starts from; a plain run (``forget_batch_size=0``) is
     itself a stage 1 and runs ``iterations`` only.
     """
-    from dataclasses import replace
+    ctx = concept_context(pipe, concepts, config)
+    config, _ = resolve(pipe, concepts, config, ctx)
 
     def stage_dir(name: str) -> str | None:
         d = config.checkpoint_dir
@@ -488,12 +564,12 @@ def sfd(pipe, concepts: list[str], config: SFDConfig):
     if config.generator_init is None and config.distill_iterations > 0 and config.forget_batch_size > 0:
         stage1 = replace(config, iterations=config.distill_iterations, distill_iterations=0, forget_batch_size=0,
                          checkpoint_dir=stage_dir("stage1"))
-        with SFDTrainer(pipe, concepts, stage1) as trainer:
+        with SFDTrainer(pipe, concepts, stage1, ctx=ctx) as trainer:
             trainer.train()
             generator = trainer.generator().state_dict()  # detached tensors, kept alive past the trainer
             distilled = trainer.step
         config = replace(config, checkpoint_dir=stage_dir("stage2"))
-    with SFDTrainer(pipe, concepts, config, generator) as trainer:
+    with SFDTrainer(pipe, concepts, config, generator, ctx=ctx) as trainer:
         trainer.train()
         edit = trainer.edit(distill_iterations_run=distilled)
         record = _preset_record(trainer)
@@ -503,12 +579,9 @@ def sfd(pipe, concepts: list[str], config: SFDConfig):
 
 
 def _preset_record(trainer: SFDTrainer) -> dict:
-    """The manifest's kind and preset entries: whose prompts were used and every numeric option."""
-    cfg, ctx, sets = trainer.config, trainer.ctx, trainer.prompts
-    keys = ("iterations", "distill_iterations", "batch_size", "forget_batch_size", "lr_psi", "lr_theta", "alpha",
-            "lam_g_r", "lam_g_f", "lam_sg_r", "lam_sg_f", "t_init", "t_min", "t_max", "kappa", "cfg_dropout",
-            "pseudo_label")
-    values = {**{k: getattr(cfg, k) for k in keys}, "forget_prompts": len(sets.forget),
+    """The manifest's kind and preset entries: the preset's name, every option it controls as resolved
+    (:data:`PRESET_KEYS`) and the number of forget and retain prompts."""
+    cfg, sets = trainer.config, trainer.prompts
+    values = {**{k: getattr(cfg, k) for k in PRESET_KEYS}, "forget_prompts": len(sets.forget),
               "retain_prompts": len(sets.retain)}
-    name = (ctx.ask("sfd_prompts", cfg.pseudo_label, False) or {}).get("preset", "reference")
-    return ctx.record(name, values)
+    return trainer.ctx.record(trainer.preset, values)

@@ -88,7 +88,7 @@ def _cancellable(pipe, cancel: threading.Event):
             raise Cancelled("cancelled: the job stopped and the pipeline was restored")
 
     components = getattr(pipe, "components", None) or {"unet": pipe.unet}
-    handles = []
+    handles = [m.register_forward_pre_hook(check) for m in components.values() if isinstance(m, torch.nn.Module)]
     try:
         yield
     finally:
