@@ -13,7 +13,7 @@ which costs exactly what a distilled generator costs (same architecture). Withou
 erasekit/assets/canvas-mini the canvas-mini architecture is built with random weights (same compute).
 Prints one JSON line.
 
-``forget``: runs ``erase(pipe, "sfd", [style], **options)`` (defaults: SFDConfig's), records its wall
+``forget``: runs ``erase(pipe, "sfd", [style], **options)`` (defaults: canvas-mini's preset), records its wall
 time, saves the Edit, then scores one-step samples of the 10 objects x 10 styles x ``--seeds`` seeds
 ("A {object} image in {style} style.") with the canvas judge: UA = 1 - style accuracy on the target
 style, IRA = mean style accuracy over the other styles, CRA = mean object accuracy over all objects
