@@ -40,24 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sd14_pipeline(resolution: int):
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from erasekit.canvas.full_size import sd14_random
 
-    from erasekit.canvas.configs import SCHEDULER
-    from erasekit.canvas.tokenizer import write_clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-                                attention_head_dim=8, layers_per_block=2, sample_size=resolution // 8)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                        intermediate_size=3072, vocab_size=49408, max_position_embeddings=77,
-                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)  # unused by ESD
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tempfile.mkdtemp())))
-    return StableDiffusionPipeline(vae=vae, text_encoder=text.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    return sd14_random(resolution)
 
 
 def reference_step(pipe, ddim_steps: int, seed: int = 0) -> None:
