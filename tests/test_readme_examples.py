@@ -108,7 +108,7 @@ def test_demo_runs_as_written(tmp_path):
     (block,) = _blocks("The two commands", "bash")
     assert "erasekit demo" in block
     _run("erasekit demo", tmp_path)
-    assert (tmp_path / "erasekit-demo" / "report.md").is_file()
+    assert (tmp_path / "erasekit-demo" / "report" / "report.md").is_file()
 
 
 @pytest.mark.slow
