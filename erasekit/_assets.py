@@ -8,6 +8,7 @@ installed, and hands back a real folder because diffusers and safetensors read f
 from __future__ import annotations
 
 import atexit
+import json
 from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
@@ -33,3 +34,18 @@ def asset_path(name: str, must_exist: bool = True) -> Path:
                              "without its package data; reinstall it from a wheel or a full checkout "
                              "(pip install erasekit, or pip install -e . in the repository)")
     return Path(path)
+
+
+def read_weights(name: str, what: str, path: str | Path | None, train: str) -> tuple[dict, dict, Path]:
+    """``(state dict, config.json, folder)`` of a small network: the shipped asset ``name`` unless
+    ``path`` names a trained one; a folder without both files is a :class:`ConfigError` that names
+    the network (``what``) and ``train``, the command that makes one."""
+    from safetensors.torch import load_file
+
+    from .errors import ConfigError
+
+    path = Path(path) if path is not None else asset_path(name, must_exist=False)
+    if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
+        raise ConfigError(f"no {what} at {path} (model.safetensors + config.json): it ships inside erasekit "
+                          f"(erasekit/assets/{name}), or train one with `{train}`")
+    return load_file(str(path / "model.safetensors")), json.loads((path / "config.json").read_text()), path

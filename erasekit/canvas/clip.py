@@ -162,17 +162,9 @@ def load_clip(path: str | Path | None = None) -> tuple[torch.nn.Module, dict, Pa
     """The canvas CLIP (float32, eval mode), its ``config.json`` and its folder: the shipped one
     (``erasekit/assets/canvas-clip``) unless ``path`` names a trained one. The evaluation wraps it
     as a ClipEncoder (:func:`erasekit.eval.clip_score.load_canvas_clip`)."""
-    from safetensors.torch import load_file
+    from .._assets import read_weights
 
-    from .._assets import asset_path
-    from ..errors import ConfigError
-
-    path = Path(path) if path is not None else asset_path("canvas-clip", must_exist=False)
-    if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
-        raise ConfigError(f"no canvas CLIP at {path} (model.safetensors + config.json): it ships inside "
-                          "erasekit (erasekit/assets/canvas-clip), or train one with "
-                          "`python -m erasekit.canvas.train clip --run RUN`")
-    cfg = json.loads((path / "config.json").read_text())
+    state, cfg, path = read_weights("canvas-clip", "canvas CLIP", path, "python -m erasekit.canvas.train clip --run RUN")
     model = build_clip({k: cfg[k] for k in ("embed_dim", "vision_cfg", "text_cfg")})
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()})
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval(), cfg, path

@@ -43,19 +43,11 @@ class CanvasJudgeNet(nn.Module):
 def load_judge_net(path: str | Path | None = None) -> tuple[CanvasJudgeNet, dict]:
     """The judge network in eval mode and its ``config.json`` (labels, image size); the shipped
     judge (``erasekit/assets/canvas-judge``) unless ``path`` names a trained one."""
-    from safetensors.torch import load_file
+    from .._assets import read_weights
 
-    from .._assets import asset_path
-    from ..errors import ConfigError
-
-    path = Path(path) if path is not None else asset_path("canvas-judge", must_exist=False)
-    if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
-        raise ConfigError(f"no canvas judge at {path} (model.safetensors + config.json): it ships inside "
-                          "erasekit (erasekit/assets/canvas-judge), or train one with "
-                          "`python -m erasekit.canvas.train judge --run RUN`")
-    cfg = json.loads((path / "config.json").read_text())
+    state, cfg, _ = read_weights("canvas-judge", "canvas judge", path, "python -m erasekit.canvas.train judge --run RUN")
     net = CanvasJudgeNet(len(cfg["styles"]), len(cfg["objects"]))
-    net.load_state_dict(load_file(str(path / "model.safetensors")))
+    net.load_state_dict(state)
     return net.eval(), cfg
 
 

@@ -208,7 +208,7 @@ class PreviewSession:
             self.edits[key] = item
             while len(self.edits) > self.cache_size:
                 dropped, (_, old) = self.edits.popitem(last=False)
-                if dropped[0] == "method":   # a file this session wrote, in its own folder
+                if dropped[0] == "method":   # an Edit the preview trained and saved in a folder of its own
                     shutil.rmtree(old.parent, ignore_errors=True)
         return item
 
