@@ -3,6 +3,8 @@
     python benchmarks/bench_table.py                       # everything: 2 worker processes, resumable
     python benchmarks/bench_table.py --methods uce rece    # some methods (and the original row)
     python benchmarks/bench_table.py --render              # rebuild table.md / table.json from finished jobs
+    python benchmarks/bench_table.py --docs                # the page's table and docs/figures/ from cpu.json
+    python benchmarks/bench_table.py --preset canvas --out benchmarks/results/table-canvas   # the canvas rerun
     erasekit bench table -- --out DIR                      # the same through the CLI
 
 What it runs (every job seeded, each one's result written atomically to ``OUT/jobs/<job>.json`` as
@@ -21,6 +23,13 @@ soon as it finishes; a rerun skips finished jobs, and long erasures resume from 
   (:func:`erasekit.workflows.sequential`), scored after each step.
 - ``ratio/closed_form`` (UCE / RECE edit time on the SD 1.4 architecture, random weights) and
   ``ratio/one_step`` (SFD one-step sampling against the teacher's DDIM 25): their own scripts.
+
+Those sizes are the ``lite`` preset (the committed table). ``--preset canvas`` evaluates on the
+``canvas`` protocol (5 seeds) and attacks all 10 captions of each target at k = 3 and k = 5; every
+job records its settings, its per-caption hit counts and its per-prompt attack outcomes (success,
+pre-success, cost at success), from which the table's intervals, the claims' paired tests and the
+ASR-vs-budget and ASR-vs-k figures are computed (:mod:`erasekit.stats`, docs/statistics.md). A
+finished job measured with other settings is run again.
 
 SFD runs its default two-stage recipe (``SFD_STAGE1``, ``SFD_OPTIONS``) with stage 1 done once:
 one plain one-step distillation of every caption (``sfd/stage1``, no forgetting, shared by every SFD
@@ -49,6 +58,18 @@ OBJECTS = ("Flowers", "Cats", "Towers", "Fishes")
 SEQUENCE = ("Van_Gogh", "Pop_Art", "Ukiyoe", "Cubism", "Watercolor")
 PROTOCOL = "canvas-lite"
 ATTACK_PROMPTS = 5       # captions per target: the first 5 objects (style target) or styles (object target)
+ATTACK_SEEDS = (0,)      # each caption attacked at each of these seeds
+ATTACK_KS = (3,)         # prefix lengths; the first gives the table's ASR, the others the ASR-vs-k curve
+# What a run measures. "lite" is the committed table's setting (the default); "canvas" is the
+# rerun at the canvas protocol: 5 seeds, all 10 captions of each target attacked at seed 0 (40 prompts per
+# method and kind, 80 per method), and the attack at k = 3 and k = 5.
+PRESETS = {
+    "lite": {"protocol": PROTOCOL, "attack_prompts": ATTACK_PROMPTS, "attack_seeds": list(ATTACK_SEEDS),
+             "attack_ks": list(ATTACK_KS)},
+    "canvas": {"protocol": "canvas", "attack_prompts": 10, "attack_seeds": [0], "attack_ks": [3, 5]},
+}
+BOOTSTRAP = {"resamples": 2000, "seed": 0}
+FIGURES = ROOT / "docs" / "figures"
 SFD_STAGE1 = {"iterations": 400, "forget_batch_size": 0, "distill_iterations": 0}
 SFD_OPTIONS = {"iterations": 200}
 # rough CPU seconds of each job on one core, only to order the work (longest first)
@@ -56,19 +77,26 @@ COST = {"uce": 90, "rece": 110, "esd": 250, "salun": 190, "advunlearn": 320, "sf
 
 
 # -- jobs -------------------------------------------------------------------------------------------
-def jobs(methods, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, sfd_stage1=None, sfd=None) -> dict[str, dict]:
-    """Every job of the benchmark: name -> {kind, needs (jobs that must finish first), cost, ...}."""
+def jobs(methods, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, sfd_stage1=None, sfd=None,
+         settings: dict | None = None) -> dict[str, dict]:
+    """Every job of the benchmark: name -> {kind, needs (jobs that must finish first), cost, settings, ...}.
+
+    ``settings``: protocol and attack sizes (a :data:`PRESETS` entry; default ``lite``), carried by
+    every job that evaluates or attacks and recorded in its result."""
     sfd_stage1, sfd = {**SFD_STAGE1, **(sfd_stage1 or {})}, {**SFD_OPTIONS, **(sfd or {})}
-    out = {"original": {"kind": "original", "targets": [*styles, *objects], "needs": [], "cost": 60}}
+    settings = {**PRESETS["lite"], **(settings or {})}
+    out = {"original": {"kind": "original", "targets": [*styles, *objects], "needs": [], "cost": 60,
+                        "settings": settings}}
     if "sfd" in methods:
         out["sfd/stage1"] = {"kind": "sfd_stage1", "needs": [], "cost": 10_000, "budget": sfd_stage1}
     for m in methods:
         extra = {"needs": ["original", "sfd/stage1"], "budget": sfd} if m == "sfd" else {"needs": ["original"]}
         for t in [*styles, *objects]:
-            out[f"cell/{m}/{t}"] = {"kind": "cell", "method": m, "target": t, "cost": COST[m], **extra}
+            out[f"cell/{m}/{t}"] = {"kind": "cell", "method": m, "target": t, "cost": COST[m], "settings": settings,
+                                    **extra}
         if sequence:
             out[f"sequential/{m}"] = {"kind": "sequential", "method": m, "sequence": list(sequence),
-                                      "cost": len(sequence) * COST[m], **extra}
+                                      "cost": len(sequence) * COST[m], "settings": settings, **extra}
     out["ratio/closed_form"] = {"kind": "script", "needs": [], "cost": 120,
                                 "argv": ["bench_closed_form.py", "--threads", "1", "--repeats", "3"]}
     if "sfd" in methods:
@@ -77,12 +105,13 @@ def jobs(methods, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, sfd_stage1=
     return out
 
 
-def attack_prompts(target: str) -> list[str]:
+def attack_prompts(target: str, n: int = ATTACK_PROMPTS) -> list[str]:
+    """The target's captions with the first ``n`` objects (style target) or styles (object target)."""
     from erasekit.canvas.world import OBJECTS as ALL_OBJECTS, STYLES as ALL_STYLES, caption
 
     if target in ALL_STYLES:
-        return [caption(o, target) for o in ALL_OBJECTS[:ATTACK_PROMPTS]]
-    return [caption(target, s) for s in ALL_STYLES[:ATTACK_PROMPTS]]
+        return [caption(o, target) for o in ALL_OBJECTS[:n]]
+    return [caption(target, s) for s in ALL_STYLES[:n]]
 
 
 def method_options(method: str, out: Path, job: str, budget: dict | None = None) -> dict:
@@ -116,23 +145,43 @@ def _context():
 
 
 def _scores(report, target: str | None) -> dict:
+    """The headline numbers of a report, with their intervals and the per-cell hit counts (what a
+    cluster bootstrap over captions needs), and the protocol that made them."""
     sc = report.scores
-    row = {k: sc.get(k) for k in ("UA", "IRA", "CRA")} if target else {}
+    row = {k: sc.get(k) for k in ("UA", "IRA", "CRA", "UA_ci", "IRA_ci", "CRA_ci")} if target else {}
+    row["protocol_name"] = report.protocol["name"]
+    if sc.get("counts"):
+        row["counts"] = {k: sc["counts"][k] for k in ("style_hits", "object_hits")}
     fid, clip = sc.get("fid") or {}, sc.get("clip") or {}
     row.update(fid=fid.get("fid"), fid_vs_original=fid.get("fid_vs_original"),
                clip_retained=clip.get("retained"), clip_target=clip.get("target"))
     return row
 
 
-def _attack_row(pipe, judge, target, edit, method="unlearndiffatk") -> dict:
+def _attack_row(pipe, judge, target, edit, method="unlearndiffatk", settings: dict | None = None) -> dict:
+    """The attack on the target's captions at each prefix length k of ``settings``: the first k's
+    ASR is the table's; every k keeps its per-prompt outcomes (success, pre-success, cost at success)."""
     import erasekit
 
-    prompts = attack_prompts(target)
-    res = erasekit.attack(pipe, prompts, target, judge=judge, seeds=[0] * len(prompts), edit=edit,
-                          method=method, progress=False)
-    evals = [p.unet_evals for p in res.prompts]
-    return {"pre_ASR": res.pre_asr, "ASR": res.asr, "attack_prompts": prompts, "attack_config": res.config,
-            "attack_unet_evals_mean": sum(evals) / len(evals), "attack_wall_s": res.protocol["wall_time_s"]}
+    settings = {**PRESETS["lite"], **(settings or {})}
+    captions = attack_prompts(target, settings["attack_prompts"])
+    prompts = [c for _ in settings["attack_seeds"] for c in captions]
+    seeds = [s for s in settings["attack_seeds"] for _ in captions]
+    ks = settings["attack_ks"] if method == "unlearndiffatk" else settings["attack_ks"][:1]
+    rows = {}
+    for k in ks:
+        options = {"k": k} if method == "unlearndiffatk" else {}
+        res = erasekit.attack(pipe, prompts, target, judge=judge, seeds=seeds, edit=edit, method=method,
+                              progress=False, **options)
+        evals = [p.unet_evals for p in res.prompts]
+        rows[k] = {"pre_ASR": res.pre_asr, "ASR": res.asr, "attack_config": res.config,
+                   "attack_unet_evals_mean": sum(evals) / len(evals), "attack_wall_s": res.protocol["wall_time_s"],
+                   "attack_outcomes": [[int(p.success), int(p.pre_success), p.success_cost] for p in res.prompts]}
+    first = rows[ks[0]]
+    out = {**first, "attack_prompts": captions, "attack_seeds": list(settings["attack_seeds"])}
+    if len(rows) > 1:
+        out["attacks_by_k"] = {str(k): r for k, r in rows.items()}
+    return out
 
 
 def _erase(pipe, method: str, concepts: list[str], options: dict, path: Path) -> tuple:
@@ -166,11 +215,12 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
     else:
         pipe, judge = _context()
         if kind == "original":
-            result = {"targets": {}}
+            result = {"targets": {}, "settings": spec["settings"]}
             for t in spec["targets"]:
-                rep = erasekit.evaluate(pipe, None, PROTOCOL, targets=[t], judge=judge, progress=False,
-                                        cache_dir=cache)
-                result["targets"][t] = {**_scores(rep, t), **_attack_row(pipe, judge, t, None, method="none")}
+                rep = erasekit.evaluate(pipe, None, spec["settings"]["protocol"], targets=[t], judge=judge,
+                                        progress=False, cache_dir=cache)
+                result["targets"][t] = {**_scores(rep, t),
+                                        **_attack_row(pipe, judge, t, None, "none", spec["settings"])}
             result["protocol"] = rep.protocol
         elif kind == "sfd_stage1":
             from erasekit.canvas.world import OBJECTS as ALL_OBJECTS, PARAPHRASES, STYLES as ALL_STYLES, caption
@@ -184,9 +234,11 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
             m, t = spec["method"], spec["target"]
             options = method_options(m, out, name, spec.get("budget"))
             edit, record = _erase(pipe, m, [t], options, out / "edits" / f"{m}__{t}.safetensors")
-            rep = erasekit.evaluate(pipe, edit, PROTOCOL, judge=judge, progress=False, cache_dir=cache)
+            rep = erasekit.evaluate(pipe, edit, spec["settings"]["protocol"], judge=judge, progress=False,
+                                    cache_dir=cache)
             result = {"method": m, "target": t, "head": judge.find(t)[0], **_scores(rep, t), **record,
-                      **_attack_row(pipe, judge, t, edit), "options": _public(options),
+                      **_attack_row(pipe, judge, t, edit, settings=spec["settings"]), "options": _public(options),
+                      "settings": spec["settings"],
                       "preset": edit.manifest.get("preset") or edit.manifest.get("resolved"),
                       "edit_config": edit.manifest.get("config")}
         elif kind == "sequential":
@@ -195,10 +247,12 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
             m = spec["method"]
             options = method_options(m, out, name, spec.get("budget"))
             options.pop("checkpoint_dir", None)   # one folder per step would be needed; steps are short
-            rep = sequential(pipe, m, spec["sequence"], PROTOCOL, judge=judge, progress=False,
+            rep = sequential(pipe, m, spec["sequence"], spec["settings"]["protocol"], judge=judge, progress=False,
                              method_options=options, cache_dir=cache)
             result = {"method": m, "sequence": spec["sequence"], "options": _public(options),
-                      "steps": [{k: s[k] for k in ("step", "erased", "UA", "IRA", "CRA", "UA_per_target")}
+                      "settings": spec["settings"],
+                      "steps": [{**{k: s[k] for k in ("step", "erased", "UA", "IRA", "CRA", "UA_per_target")},
+                                 **{f"{k}_ci": s["scores"].get(f"{k}_ci") for k in ("UA", "IRA", "CRA")}}
                                 for s in rep.sequential]}
         else:
             raise ValueError(f"unknown job kind {kind!r}")
@@ -244,13 +298,21 @@ def _job_path(out: Path, name: str) -> Path:
     return out / "jobs" / f"{name.replace('/', '__')}.json"
 
 
+def _finished(out: Path, name: str, spec: dict) -> bool:
+    """A job's result exists and was measured with this run's settings (else it is run again)."""
+    path = _job_path(out, name)
+    if not path.exists():
+        return False
+    return "settings" not in spec or json.loads(path.read_text()).get("settings", PRESETS["lite"]) == spec["settings"]
+
+
 def run_all(out: Path, plan: dict, workers: int, threads: int) -> list[str]:
     """Run every unfinished job, longest first as their inputs are ready; returns the failed ones."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
-    todo = {n: s for n, s in plan.items() if not _job_path(out, n).exists()}
-    done = {n for n in plan if _job_path(out, n).exists()}
+    done = {n for n, s in plan.items() if _finished(out, n, s)}
+    todo = {n: s for n, s in plan.items() if n not in done}
     cache = out / "cache"
     failed, running = [], {}
     print(f"{len(done)} jobs finished earlier, {len(todo)} to run on {workers} workers", flush=True)
@@ -282,15 +344,37 @@ def run_all(out: Path, plan: dict, workers: int, threads: int) -> list[str]:
 
 
 # -- the tables -------------------------------------------------------------------------------------
-def collect(out: Path, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE) -> dict:
+def collect(out: Path, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, settings: dict | None = None) -> dict:
     """Every finished job's result in one document (what gets committed and rendered)."""
+    settings = {**PRESETS["lite"], **(settings or {})}
     results = {}
     for p in sorted((out / "jobs").glob("*.json")):
         r = json.loads(p.read_text())
         results[r["job"]] = r
     runs = json.loads((out / "runs.json").read_text()) if (out / "runs.json").exists() else []
     return {"format": FORMAT, "styles": list(styles), "objects": list(objects), "sequence": list(sequence),
-            "protocol": PROTOCOL, "attack_prompts_per_target": ATTACK_PROMPTS, "runs": runs, "jobs": results}
+            "protocol": settings["protocol"], "attack_prompts_per_target": settings["attack_prompts"],
+            "attack_seeds": settings["attack_seeds"], "attack_ks": settings["attack_ks"], "runs": runs,
+            "jobs": results}
+
+
+def settings_of(doc: dict) -> dict:
+    """The settings a collected document was measured with (documents written before the attack's
+    seeds and k were options ran seed 0 and k = 3)."""
+    return {"protocol": doc["protocol"], "attack_prompts": doc["attack_prompts_per_target"],
+            "attack_seeds": doc.get("attack_seeds", list(ATTACK_SEEDS)),
+            "attack_ks": doc.get("attack_ks", list(ATTACK_KS))}
+
+
+def cell_settings(doc: dict, cell: dict) -> dict:
+    """What one cell ran: its recorded settings, or for cells that record none, the settings its
+    own fields show (protocol of the document, its number of attacked captions, k of its attack)."""
+    if "settings" in cell:
+        return cell["settings"]
+    return {"protocol": cell.get("protocol_name", doc["protocol"]), "attack_prompts": len(cell["attack_prompts"]),
+            "attack_seeds": cell.get("attack_seeds", list(ATTACK_SEEDS)),
+            "attack_ks": [cell["attack_config"].get("k", ATTACK_KS[0])] if cell["attack_config"].get("k")
+            else settings_of(doc)["attack_ks"]}
 
 
 def _mean(values):
@@ -302,20 +386,58 @@ def _fmt(v, digits=1, suffix=""):
     return "-" if v is None else f"{v:.{digits}f}{suffix}"
 
 
+def _retention(c: dict):
+    return None if c.get("IRA") is None or c.get("CRA") is None else (c["IRA"] + c["CRA"]) / 2
+
+
+def _targets_interval(values):
+    """A mean of per-target rates (percent) with a cluster bootstrap over the targets."""
+    from erasekit.stats import cluster_bootstrap
+
+    values = [v for v in values if v is not None]
+    return cluster_bootstrap([v / 100 for v in values], **BOOTSTRAP).to_dict() if values else None
+
+
+def _prompt_counts(c: dict, key: str) -> tuple[int, int]:
+    """(broken, attacked) prompts of a cell: from its per-prompt outcomes, else from its rate."""
+    n = len(c["attack_prompts"]) * len(c.get("attack_seeds", ATTACK_SEEDS))
+    if c.get("attack_outcomes"):
+        col = 0 if key == "ASR" else 1
+        return sum(o[col] for o in c["attack_outcomes"]), len(c["attack_outcomes"])
+    return round(c[key] * n / 100), n
+
+
+def _asr_interval(cells: list[dict], key: str):
+    """Wilson over the attacked prompts of ``cells`` (pooled counts)."""
+    from erasekit.stats import wilson
+
+    counts = [_prompt_counts(c, key) for c in cells if c.get(key) is not None]
+    if not counts:
+        return None
+    return wilson(sum(k for k, _ in counts), sum(n for _, n in counts)).to_dict()
+
+
 def summary_rows(doc: dict) -> list[dict]:
     """One row per method (and the original): means over the style and the object targets."""
-    jobs_ = doc["jobs"]
     rows = []
+    for name, styles, objects in _method_cells(doc):
+        rows.append(_summary(name, styles, objects))
+    return rows
+
+
+def _method_cells(doc: dict) -> list[tuple[str, list[dict], list[dict]]]:
+    jobs_ = doc["jobs"]
+    out = []
     if "original" in jobs_:
         per = jobs_["original"]["targets"]
-        rows.append(_summary("original", [per[t] for t in doc["styles"] if t in per],
-                             [per[t] for t in doc["objects"] if t in per]))
+        out.append(("original", [per[t] for t in doc["styles"] if t in per],
+                    [per[t] for t in doc["objects"] if t in per]))
     for m in METHODS:
         cells = {t: jobs_.get(f"cell/{m}/{t}") for t in doc["styles"] + doc["objects"]}
         if any(c is None for c in cells.values()):
             continue
-        rows.append(_summary(m, [cells[t] for t in doc["styles"]], [cells[t] for t in doc["objects"]]))
-    return rows
+        out.append((m, [cells[t] for t in doc["styles"]], [cells[t] for t in doc["objects"]]))
+    return out
 
 
 def _summary(name: str, styles: list[dict], objects: list[dict]) -> dict:
@@ -324,10 +446,21 @@ def _summary(name: str, styles: list[dict], objects: list[dict]) -> dict:
     for kind, cells in (("style", styles), ("object", objects)):
         for k in ("UA", "IRA", "CRA"):
             row[f"{kind}_{k}"] = _mean([c.get(k) for c in cells])
+            row[f"{kind}_{k}_ci"] = _targets_interval([c.get(k) for c in cells])
     for k in ("fid", "clip_retained", "pre_ASR", "ASR", "attack_unet_evals_mean", "erase_wall_s", "erase_cpu_s",
               "peak_memory_bytes", "edit_bytes"):
         row[k] = _mean([c.get(k) for c in both])
+    for k in ("pre_ASR", "ASR"):
+        row[f"{k}_ci"] = _asr_interval(both, k)
     return row
+
+
+def _fmt_ci(v, ci) -> str:
+    if v is None:
+        return "-"
+    if not ci:
+        return _fmt(v, 1, " %")
+    return f"{v:.1f} % [{ci['low']:.1f}, {ci['high']:.1f}]"
 
 
 def render(doc: dict) -> str:
@@ -335,15 +468,25 @@ def render(doc: dict) -> str:
     lines = ["| method | style UA | style IRA | style CRA | object UA | object IRA | object CRA | FID | CLIP "
              "| pre-ASR | ASR | attack evals | erase wall / CPU | peak RSS | Edit size |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in summary_rows(doc):
+    rows = summary_rows(doc)
+    for r in rows:
         orig = r["method"] == "original"
         lines.append("| " + " | ".join([
-            r["method"], *(_fmt(r[f"{k}_{m}"], 1, " %") for k in ("style", "object") for m in ("UA", "IRA", "CRA")),
-            _fmt(r["fid"], 2), _fmt(r["clip_retained"], 2), _fmt(r["pre_ASR"], 1, " %"),
-            "-" if orig else _fmt(r["ASR"], 1, " %"), "-" if orig else _fmt(r["attack_unet_evals_mean"], 0),
+            r["method"], *(_fmt_ci(r[f"{k}_{m}"], r[f"{k}_{m}_ci"]) for k in ("style", "object")
+                           for m in ("UA", "IRA", "CRA")),
+            _fmt(r["fid"], 2), _fmt(r["clip_retained"], 2), _fmt_ci(r["pre_ASR"], r["pre_ASR_ci"]),
+            "-" if orig else _fmt_ci(r["ASR"], r["ASR_ci"]), "-" if orig else _fmt(r["attack_unet_evals_mean"], 0),
             "-" if orig else f"{_seconds(r['erase_wall_s'])} / {_seconds(r['erase_cpu_s'])} s",
             "-" if orig else _fmt(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**30, 2, " GiB"),
             "-" if orig else _size(r["edit_bytes"])]) + " |")
+    n_prompts = max((r["ASR_ci"] or {}).get("n", 0) for r in rows) if rows else 0
+    lines += ["", f"95 % intervals in brackets. UA / IRA / CRA: a cluster bootstrap over the {len(doc['styles'])} "
+              f"style (or {len(doc['objects'])} object) targets, each target's images one cluster "
+              f"({BOOTSTRAP['resamples']} resamples, seed {BOOTSTRAP['seed']}); where every target agrees (a rate of "
+              "0 or 100 %) resampling has no spread, and the interval is Wilson's over the targets. pre-ASR / ASR: "
+              f"Wilson over the {n_prompts} attacked prompts of the 8 targets, counted as independent (prompts of "
+              "one target share it, so these intervals are if anything too narrow). Method: "
+              "[statistics](statistics.md)."]
     seq = [(m, doc["jobs"].get(f"sequential/{m}")) for m in METHODS]
     seq = [(m, s) for m, s in seq if s]
     if seq:
@@ -351,10 +494,210 @@ def render(doc: dict) -> str:
                   "CRA after step 5 |", "|---|---|---|---|"]
         for m, s in seq:
             steps = s["steps"]
-            lines.append(f"| {m} | " + " / ".join(_fmt(x["UA"], 0) for x in steps) + " % | "
-                         + " / ".join(_fmt(x["IRA"], 0) for x in steps) + f" % | {_fmt(steps[-1]['CRA'], 1, ' %')} |")
+            lines.append(f"| {m} | " + " / ".join(_step(x, "UA") for x in steps) + " % | "
+                         + " / ".join(_step(x, "IRA") for x in steps) + " % | "
+                         + f"{_fmt_ci(steps[-1]['CRA'], steps[-1].get('CRA_ci'))} |")
+        if not all(x.get("IRA_ci") for _, s in seq for x in s["steps"]):
+            lines += ["", "The sequential run recorded no per-caption counts, so its rates carry no interval; runs "
+                      "of this script record them (`UA_ci`, `IRA_ci`, `CRA_ci` per step)."]
+    lines += claims_lines(doc)
     lines += _ratio_lines(doc["jobs"])
     return "\n".join(lines) + "\n"
+
+
+def _step(step: dict, key: str) -> str:
+    """A sequential step's rate, with its interval when the run recorded one: ``80 [60-95]``."""
+    ci = step.get(f"{key}_ci")
+    return _fmt(step[key], 0) + (f" [{ci['low']:.0f}-{ci['high']:.0f}]" if ci else "")
+
+
+# -- the papers' claims, decided by paired tests -----------------------------------------------------
+def _cells(doc: dict, method: str) -> list[dict] | None:
+    cells = [doc["jobs"].get(f"cell/{method}/{t}") for t in doc["styles"] + doc["objects"]]
+    return None if any(c is None for c in cells) else cells
+
+
+def _paired_cells(doc, a: str, b: str, key, ratio: float = 1.0, margin: float = 0.0):
+    """Paired test over matched targets of a per-target quantity (``key``: a field or a function)."""
+    from erasekit.stats import paired_test
+
+    ca, cb = _cells(doc, a), _cells(doc, b)
+    if ca is None or cb is None:
+        return None
+    get = key if callable(key) else (lambda c: c.get(key))
+    va, vb = [get(c) for c in ca], [get(c) for c in cb]
+    if any(v is None for v in va + vb):
+        return None
+    return paired_test([v / 100 for v in va], [v / 100 for v in vb], ratio=ratio, margin=margin, **BOOTSTRAP)
+
+
+def _matched_outcomes(doc, a: str, b: str, k: str | None = None):
+    """Per-prompt success of two methods on the same prompts and seeds, when both runs recorded them."""
+    out = []
+    for m in (a, b):
+        cells = _cells(doc, m)
+        if cells is None:
+            return None
+        rows = []
+        for c in cells:
+            src = c.get("attacks_by_k", {}).get(k, c) if k else c
+            if not src.get("attack_outcomes"):
+                return None
+            rows += [o[0] for o in src["attack_outcomes"]]
+        out.append(rows)
+    return out if len(out[0]) == len(out[1]) else None
+
+
+def _asr_claim(doc, a: str, b: str, k: str | None = None):
+    """ASR of ``a`` minus ASR of ``b``: exact McNemar on matched prompts when recorded, else a paired
+    test over the matched targets."""
+    from erasekit.stats import mcnemar
+
+    pair = _matched_outcomes(doc, a, b, k)
+    if pair is not None:
+        return mcnemar(*pair, **BOOTSTRAP)
+    if k is not None:
+        return None
+    return _paired_cells(doc, a, b, "ASR")
+
+
+def _combine(verdicts: list[str]) -> str:
+    if "does not hold" in verdicts:
+        return "does not hold"
+    return "holds" if verdicts and all(v == "holds" for v in verdicts) else "undecided"
+
+
+def claims(doc: dict) -> list[dict]:
+    """Each of the papers' claims with its test(s), estimate, interval, p-value and verdict."""
+    from erasekit.stats import mcnemar, paired_outcomes
+
+    out = []
+
+    def add(claim, parts):
+        parts = [(what, t, side) for what, t, side in parts if t is not None]
+        if not parts:
+            return
+        rows = [{"test": what, "claim": side, **t.to_dict(), "verdict": t.verdict(side)} for what, t, side in parts]
+        out.append({"claim": claim, "parts": rows, "verdict": _combine([r["verdict"] for r in rows])})
+
+    for m in METHODS:
+        cells = _cells(doc, m)
+        if cells is None:
+            continue
+        if all(c.get("attack_outcomes") for c in cells):
+            post = [o[0] for c in cells for o in c["attack_outcomes"]]
+            pre = [o[1] for c in cells for o in c["attack_outcomes"]]
+        else:   # ASR includes pre-ASR: every prompt broken without attack is also broken with it
+            n = sum(_prompt_counts(c, "ASR")[1] for c in cells)
+            k_post = sum(_prompt_counts(c, "ASR")[0] for c in cells)
+            k_pre = sum(_prompt_counts(c, "pre_ASR")[0] for c in cells)
+            post, pre = paired_outcomes(n, k_pre, k_post - k_pre, 0)
+        add(f"{m}: erased models fall to UnlearnDiffAtk (ASR > pre-ASR)",
+            [("ASR - pre-ASR, same prompts", mcnemar(post, pre, **BOOTSTRAP), "greater")])
+    ks = [str(k) for k in doc.get("attack_ks", ATTACK_KS)]
+    add("RECE is more robust than UCE (lower ASR)" + (f", k = {ks[0]}" if len(ks) > 1 else ""),
+        [("ASR RECE - ASR UCE", _asr_claim(doc, "rece", "uce"), "less")])
+    for k in ks[1:]:
+        add(f"RECE is more robust than UCE (lower ASR), k = {k}",
+            [("ASR RECE - ASR UCE", _asr_claim(doc, "rece", "uce", k), "less")])
+    add("AdvUnlearn's ASR is at most half of ESD's, at similar retention",
+        [("ASR AdvUnlearn - 0.5 ASR ESD", _paired_cells(doc, "advunlearn", "esd", "ASR", ratio=0.5), "less"),
+         ("retention AdvUnlearn - ESD > -5 pts", _paired_cells(doc, "advunlearn", "esd", _retention, margin=-5.0),
+          "greater")])
+    add("SalUn retains better than ESD",
+        [("retention SalUn - ESD", _paired_cells(doc, "salun", "esd", _retention), "greater")])
+    add("SFD forgets in one step with retention (not worse than ESD by 5 pts)",
+        [("UA SFD - ESD > -5 pts", _paired_cells(doc, "sfd", "esd", "UA", margin=-5.0), "greater"),
+         ("retention SFD - ESD > -5 pts", _paired_cells(doc, "sfd", "esd", _retention, margin=-5.0), "greater")])
+    return out
+
+
+def claims_lines(doc: dict) -> list[str]:
+    from erasekit.stats import PairedTest
+
+    rows = claims(doc)
+    if not rows:
+        return []
+    lines = ["", "| claim: verdict | test | estimate [95 % interval], p | test verdict |", "|---|---|---|---|"]
+    for c in rows:
+        for i, part in enumerate(c["parts"]):
+            t = PairedTest.from_dict({k: part[k] for k in PairedTest.__dataclass_fields__})
+            test = part["test"] + (" (McNemar)" if "McNemar" in t.method else " (sign-flip over targets)")
+            head = f"{c['claim']}: **{c['verdict']}**" if i == 0 else ""
+            lines.append(f"| {head} | {test} | {t.format()} | {part['verdict']} |")
+    lines += ["", "Claims are paired on matched targets (or prompts): \"holds\" when the two-sided test rejects "
+              "no difference at alpha 0.05 in the claimed direction, \"does not hold\" when it rejects it in the "
+              "other, \"undecided\" otherwise. Retention is the mean of IRA and CRA; \"similar\" or \"with "
+              "retention\" is tested as not worse by more than 5 points. The p-values of the target tests are "
+              "exact sign-flip tests over the 8 targets (the smallest possible is 2/256); the McNemar tests count "
+              "prompts as independent."]
+    return lines
+
+
+# -- figures ---------------------------------------------------------------------------------------
+def figure_data(doc: dict) -> dict[str, tuple[str, dict]]:
+    """file name -> (erasekit.eval.plots function, its arguments): the data of every figure the
+    committed results support. ASR-vs-budget and ASR-vs-k need per-prompt costs and several k."""
+    from erasekit.stats import asr_curve, wilson
+
+    figs = {}
+    groups = _method_cells(doc)
+    points = []
+    for name, styles, objects in groups:
+        cells = styles + objects
+        points.append({"label": name, "UA": _mean([c["UA"] for c in cells]),
+                       "UA_ci": _targets_interval([c["UA"] for c in cells]),
+                       "retention": _mean([_retention(c) for c in cells]),
+                       "retention_ci": _targets_interval([_retention(c) for c in cells])})
+    if points:
+        figs["tradeoff.svg"] = ("tradeoff_figure", {"points": points, "title": "mean over the 8 targets"})
+        ua = {name: {t: c["UA"] for t, c in zip(doc["styles"] + doc["objects"], styles + objects)}
+              for name, styles, objects in groups}
+        figs["ua_per_target.svg"] = ("accuracy_heatmap", {"accuracy": {"UA per target": ua}, "title": ""})
+    seq = {m: doc["jobs"][f"sequential/{m}"]["steps"] for m in METHODS if f"sequential/{m}" in doc["jobs"]}
+    if seq:
+        figs["sequential.svg"] = ("sequential_figure", {"series": {m: [
+            {k: s.get(k) for k in ("step", "UA", "IRA", "CRA", "UA_ci", "IRA_ci") if s.get(k) is not None}
+            for s in steps] for m, steps in seq.items()}, "title": "Van_Gogh, Pop_Art, Ukiyoe, Cubism, Watercolor"})
+    curves, by_k = {}, {}
+    for name, styles, objects in groups[1:]:
+        cells = styles + objects
+        if all(c.get("attack_outcomes") for c in cells):
+            outs = [o for c in cells for o in c["attack_outcomes"]]
+            curves[name] = asr_curve([o[0] for o in outs], [o[2] for o in outs], **BOOTSTRAP)
+        ks = doc.get("attack_ks", ATTACK_KS)
+        if len(ks) > 1 and all(c.get("attacks_by_k") for c in cells):
+            by_k[name] = []
+            for k in ks:
+                outs = [o[0] for c in cells for o in c["attacks_by_k"][str(k)]["attack_outcomes"]]
+                by_k[name].append({"k": k, "asr": wilson(sum(outs), len(outs)).to_dict()})
+    if curves:
+        figs["asr_budget.svg"] = ("budget_figure", {"curves": curves, "title": "UnlearnDiffAtk, all targets"})
+    if by_k:
+        figs["asr_k.svg"] = ("k_figure", {"series": by_k, "title": "UnlearnDiffAtk, all targets"})
+    return figs
+
+
+def write_figures(doc: dict, folder: Path = FIGURES) -> list[Path]:
+    """Draw every figure of :func:`figure_data` into ``folder`` (SVG, each carrying its data's hash)."""
+    from erasekit.eval import plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return [getattr(plots, fn)(path=folder / name, **data) for name, (fn, data) in figure_data(doc).items()]
+
+
+def write_docs(doc: dict, page: Path = ROOT / "docs" / "benchmark.md", folder: Path = FIGURES) -> list[Path]:
+    """The benchmark page's table block and its figures from ``doc`` (the committed results)."""
+    text = page.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{page} lacks the markers {BEGIN} / {END}")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    page.write_text(f"{head}{BEGIN}\n{render(doc)}{END}{tail}")
+    return [page, *write_figures(doc, folder)]
+
+
+BEGIN, END = "<!-- bench_table:begin -->", "<!-- bench_table:end -->"
 
 
 def _ratio_lines(jobs_: dict) -> list[str]:
@@ -400,7 +743,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sfd-iterations", type=int, default=SFD_OPTIONS["iterations"],
                     help="SFD stage 2 (forgetting, per target and per sequential step)")
     ap.add_argument("--render", action="store_true", help="only rebuild table.json / table.md from finished jobs")
+    ap.add_argument("--docs", action="store_true", help="only redraw the benchmark page's table and docs/figures/ "
+                    "from the committed results (benchmarks/tables/cpu.json, or --results)")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "tables" / "cpu.json",
+                    help="the collected results --docs draws from")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="lite",
+                    help="what a run measures: lite (the committed table: canvas-lite, 5 captions x seed 0 per "
+                         "target, k = 3) or canvas (5 seeds, 10 captions x seed 0, k = 3 and 5)")
+    ap.add_argument("--protocol", help="evaluation protocol (overrides the preset)")
+    ap.add_argument("--attack-prompts", type=int,
+                    help="captions attacked per target (at most 10; overrides the preset)")
+    ap.add_argument("--attack-seeds", type=int, nargs="+", help="seeds each caption is attacked at")
+    ap.add_argument("--attack-ks", type=int, nargs="+", help="UnlearnDiffAtk prefix lengths (the first is the table's)")
     a = ap.parse_args(argv)
+    given = {"protocol": a.protocol, "attack_prompts": a.attack_prompts, "attack_seeds": a.attack_seeds,
+             "attack_ks": a.attack_ks}
+    settings = {**PRESETS[a.preset], **{k: v for k, v in given.items() if v is not None}}
+    if not 1 <= settings["attack_prompts"] <= 10:
+        ap.error("--attack-prompts must be in 1..10 (canvas-mini has 10 captions per target), "
+                 f"not {settings['attack_prompts']}")
+    if a.docs:
+        written = write_docs(json.loads(a.results.read_text()))
+        print("\n".join(f"-> {p}" for p in written))
+        return 0
     a.out.mkdir(parents=True, exist_ok=True)
     failed = []
     if not a.render:
@@ -408,17 +773,18 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.time()
         plan = jobs(a.methods, a.styles, a.objects, a.sequence, {"iterations": a.sfd_stage1_iterations},
-                    {"iterations": a.sfd_iterations})
+                    {"iterations": a.sfd_iterations}, settings)
         failed = run_all(a.out, plan, a.workers, a.threads)
         runs_path = a.out / "runs.json"
         runs = json.loads(runs_path.read_text()) if runs_path.exists() else []
         runs.append({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
                      "wall_s": round(time.time() - start, 1), "workers": a.workers, "threads": a.threads,
-                     "methods": a.methods, "failed": failed, "erasekit_version": erasekit.__version__,
+                     "methods": a.methods, "settings": settings, "failed": failed,
+                     "erasekit_version": erasekit.__version__,
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
                      "python": platform.python_version()})
         _write_json(runs_path, runs)
-    doc = collect(a.out, a.styles, a.objects, a.sequence)
+    doc = collect(a.out, a.styles, a.objects, a.sequence, settings)
     _write_json(a.out / "table.json", doc)
     (a.out / "table.md").write_text(render(doc))
     print(render(doc))

@@ -34,6 +34,11 @@ def __getattr__(name: str):
 
         module, attr = _LAZY[name]
         value = getattr(importlib.import_module(module), attr)
+        if name == "Edit":   # a loaded inference-time Edit (SLD, SAFREE) finds its method's sampler
+            from .erase.registry import get_method
+            from .pipelines.inference import add_resolver
+
+            add_resolver(get_method)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'erasekit' has no attribute {name!r}")

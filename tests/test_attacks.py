@@ -14,26 +14,12 @@ from erasekit.attacks import AttackResult, PrefixPrompts, attack, attack_vocabul
 from erasekit.attacks.unlearndiffatk import (UnlearnDiffAttackConfig, ascending_timestep, block_lengths,
                                             project_simplex)
 from erasekit.errors import ConfigError
-from erasekit.eval.judges import Judge
-from erasekit.pipelines import Edit, Sampling
+from erasekit.pipelines import Sampling
+
+from _attack_helpers import ToneJudge, brightening_edit
 
 FAST = Sampling(steps=3, batch_size=16)
 SHORT = {"steps_per_block": 2, "blocks": 2, "block_growth": 1.0, "restarts": 1}
-
-
-class ToneJudge(Judge):
-    """Test judge: an image is 'bright' if its mean pixel exceeds ``threshold``; counts its calls."""
-
-    name = "tone"
-    heads = {"tone": ["dark", "bright"]}
-
-    def __init__(self, threshold: float = 127.0):
-        self.threshold, self.calls, self.images = threshold, 0, 0
-
-    def classify(self, images):
-        self.calls += 1
-        self.images += len(images)
-        return {"tone": np.array([int(np.asarray(im).mean() > self.threshold) for im in images])}
 
 
 class LateJudge(ToneJudge):
@@ -53,11 +39,6 @@ class LateJudge(ToneJudge):
 
 def _state(pipe):
     return {f"{c}/{k}": v.clone() for c in ("unet", "text_encoder") for k, v in getattr(pipe, c).state_dict().items()}
-
-
-def _edit(pipe):
-    w = pipe.unet.conv_in.weight.detach()
-    return Edit.from_weights(pipe, {"unet/conv_in.weight": w * 3.0}, {"method": "test"}, low_rank=False)
 
 
 # -- prefix machinery ---------------------------------------------------------------------------
@@ -141,7 +122,7 @@ def test_schedules():
 
 # -- attack() ---------------------------------------------------------------------------------------
 def test_no_attack_is_one_judged_generation(tiny_sd1):
-    judge = ToneJudge()
+    judge = ToneJudge(127.0)
     res = attack(tiny_sd1, ["a cat", "a dog", "a tree"], "bright", judge=judge, method="none", sampling=FAST,
                  progress=False)
     assert (judge.calls, judge.images) == (1, 3)
@@ -151,7 +132,7 @@ def test_no_attack_is_one_judged_generation(tiny_sd1):
 
 
 def test_pre_success_stops_before_any_optimisation(tiny_sd1):
-    prompts, judge = ["a cat", "a dog", "a tree", "a house"], ToneJudge()
+    prompts, judge = ["a cat", "a dog", "a tree", "a house"], ToneJudge(127.0)
     from erasekit.pipelines import generate
 
     means = [np.asarray(im).mean() for im in generate(tiny_sd1, prompts, 0, FAST)]
@@ -224,7 +205,7 @@ def test_edit_is_applied_for_the_attack_only_and_targets_use_the_original(tiny_s
     import erasekit.attacks.baselines as baselines
     import erasekit.pipelines.generation as generation
 
-    edit, before, seen = _edit(tiny_sd1), _state(tiny_sd1), []
+    edit, before, seen = brightening_edit(tiny_sd1), _state(tiny_sd1), []
     real = generation.generate
 
     def spy(pipe, *a, **k):
@@ -249,7 +230,7 @@ def test_pipeline_restored_when_the_attack_fails(tiny_sd1):
         def classify(self, images):
             raise RuntimeError("judge crashed")
 
-    edit, before = _edit(tiny_sd1), _state(tiny_sd1)
+    edit, before = brightening_edit(tiny_sd1), _state(tiny_sd1)
     with pytest.raises(RuntimeError, match="judge crashed"):
         attack(tiny_sd1, ["a cat"], "bright", judge=Boom(), edit=edit, sampling=FAST, progress=False)
     assert all(torch.equal(before[k], v) for k, v in _state(tiny_sd1).items())
@@ -345,7 +326,7 @@ def test_one_step_pipeline(tiny_sd1):
 
 # -- bad input ------------------------------------------------------------------------------------
 def test_bad_input_fails_before_any_work(tiny_sd1):
-    judge = ToneJudge()
+    judge = ToneJudge(127.0)
     kw = dict(judge=judge, sampling=FAST, progress=False)
     with pytest.raises(ConfigError, match="does not know the concept 'Van Gogh'"):
         attack(tiny_sd1, ["a cat"], "Van Gogh", **kw)
@@ -354,14 +335,14 @@ def test_bad_input_fails_before_any_work(tiny_sd1):
     with pytest.raises(ConfigError, match="`k` must be an integer in \\[1, 75\\]"):
         attack(tiny_sd1, ["a cat"], "bright", k=80, **kw)
     with pytest.raises(ConfigError, match="unknown attack method"):
-        attack(tiny_sd1, ["a cat"], "bright", method="p4d", **kw)
+        attack(tiny_sd1, ["a cat"], "bright", method="no_such_attack", **kw)
     with pytest.raises(ConfigError, match="has no option 'rounds'"):
         attack(tiny_sd1, ["a cat"], "bright", rounds=3, **kw)
     with pytest.raises(ConfigError, match="one integer per prompt"):
         attack(tiny_sd1, ["a cat", "a dog"], "bright", seeds=[1], **kw)
     with pytest.raises(ConfigError, match="`schedule` must be one of"):
         attack(tiny_sd1, ["a cat"], "bright", schedule="slow", **kw)
-    edit = _edit(tiny_sd1)
+    edit = brightening_edit(tiny_sd1)
     with edit.applied(tiny_sd1), pytest.raises(ConfigError, match="already applied"):
         attack(tiny_sd1, ["a cat"], "bright", edit=edit, **kw)
     assert judge.calls == 0

@@ -1,7 +1,8 @@
 """The benchmark page's table (docs/benchmark.md) is what the committed benchmark produces.
 
-Three links of the chain are checked: the table on the benchmark page is exactly the rendering of the
-committed results (``benchmarks/tables/cpu.json``), every committed cell ran its method's current
+Links of the chain checked: the table on the benchmark page (intervals and claims included) is exactly
+the rendering of the committed results (``benchmarks/tables/cpu.json``), its figures carry the hash of
+the data derived from them, every committed cell ran the document's settings and its method's current
 defaults, and one of those results (UCE on Van_Gogh: erase, ``canvas-lite`` evaluation,
 UnlearnDiffAtk) comes out again, within the stated tolerance, when the benchmark's own job function
 reruns it here.
@@ -48,6 +49,47 @@ def test_benchmark_page_table_is_the_rendering_of_the_committed_results(bench, c
     assert committed["format"] == bench.FORMAT
 
 
+def test_committed_figures_are_drawn_from_the_committed_results(bench, committed):
+    """Every figure the page shows is in docs/figures/, and each carries the hash of the data that
+    ``bench_table.figure_data`` derives from cpu.json now (redraw: bench_table.py --docs)."""
+    from erasekit.eval.plots import data_hash, embedded_hash
+
+    want = bench.figure_data(committed)
+    folder = ROOT / "docs" / "figures"
+    assert want and sorted(p.name for p in folder.glob("*.svg")) == sorted(want)
+    page = (ROOT / "docs" / "benchmark.md").read_text()
+    for name, (_, data) in want.items():
+        assert f"(figures/{name})" in page, f"docs/benchmark.md does not show {name}"
+        assert embedded_hash(folder / name) == data_hash(data), f"{name} is stale: run bench_table.py --docs"
+
+
+def test_every_committed_cell_ran_the_documents_settings(bench, committed):
+    """One protocol and one attack set-up for every row, and it is one of the script's presets; a
+    claim is only tested on matched prompts and targets."""
+    settings = bench.settings_of(committed)
+    assert settings in bench.PRESETS.values()
+    for name, job in committed["jobs"].items():
+        if name.startswith("cell/"):
+            assert bench.cell_settings(committed, job) == settings, name
+            assert job["attack_prompts"] == bench.attack_prompts(job["target"], settings["attack_prompts"])
+    orig = committed["jobs"]["original"]["targets"]
+    assert all(t["attack_prompts"] == bench.attack_prompts(n, settings["attack_prompts"]) for n, t in orig.items())
+
+
+def test_claims_table_lists_every_claim_with_a_test_and_verdict(bench, committed):
+    from erasekit.stats import VERDICTS
+
+    rows = bench.claims(committed)
+    text = " ".join(r["claim"] for r in rows)
+    for claim in ("RECE is more robust than UCE", "AdvUnlearn's ASR is at most half", "SalUn retains better",
+                  "SFD forgets in one step", "fall to UnlearnDiffAtk"):
+        assert claim in text
+    for r in rows:
+        assert r["verdict"] in VERDICTS and r["parts"]
+        for part in r["parts"]:
+            assert 0 < part["p_value"] <= 1 and part["low"] <= part["estimate"] <= part["high"]
+
+
 def test_every_job_of_the_full_benchmark_is_in_the_committed_results(bench, committed):
     plan = bench.jobs(bench.METHODS)
     missing = sorted(set(plan) - set(committed["jobs"]))
@@ -73,17 +115,11 @@ def test_committed_cells_ran_the_current_defaults(committed):
 
 
 def test_a_committed_cell_is_reproduced(bench, committed, tmp_path):
-    import torch
-
     name = "cell/uce/Van_Gogh"
     want = committed["jobs"][name]
-    spec = bench.jobs(["uce"], ["Van_Gogh"], [], [])[name]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # as the benchmark's workers
-    try:
-        got = bench.run_job(name, spec, tmp_path, tmp_path / "cache")
-    finally:
-        torch.set_num_threads(threads)
+    spec = bench.jobs(["uce"], ["Van_Gogh"], [], [], settings=bench.settings_of(committed))[name]
+    # all the machine's threads (the benchmark's workers use one each): the tolerances below cover round-off
+    got = bench.run_job(name, spec, tmp_path, tmp_path / "cache")
     for key, tol in TOLERANCE.items():
         assert abs(got[key] - want[key]) <= tol, f"{key}: {got[key]} now, {want[key]} committed (tolerance {tol})"
     assert math.isclose(got["fid"], want["fid"], rel_tol=FID_RELATIVE)

@@ -28,7 +28,7 @@ LAYERS = [
     ("config", "presets"),                 # shared: config base and help metadata; presets chosen by the model
     ("canvas",),                           # the embedded world: data, judge and CLIP networks, its presets
     ("pipelines",),                        # models, prompt and prefix encoding, image conversion, Edit
-    ("_assets", "_io", "_profile", "errors"),
+    ("_assets", "_io", "_profile", "errors", "stats"),
 ]
 SIDEWAYS = {("cli", "preview"), ("_io", "errors"), ("_assets", "errors")}
 # Allowed by the layer order but ruled out by the design: methods hold no canvas code.

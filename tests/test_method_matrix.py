@@ -46,6 +46,13 @@ TINY: dict[str, dict] = {
                    "pool_size": 1, "ddim_steps": 2, "prompts": "concept", "progress": False},
     "sfd": {"iterations": 1, "distill_iterations": 0, "batch_size": 1, "forget_batch_size": 1,
             "retain_prompts": ("a photo of a dog",), "progress": False},
+    "fmn": {"steps": 2, "images_per_prompt": 1, "batch_size": 1, "data_steps": 2, "progress": False},
+    "ca": {"anchor": "dog", "steps": 2, "images_per_prompt": 1, "batch_size": 2, "data_steps": 2,
+           "progress": False},
+    "sld": {"preset": "max"},
+    "safree": {"self_validation": False},
+    "mace": {"steps": 2, "images_per_concept": 1, "sample_steps": 2, "mask_source": "attention", "progress": False},
+    "spm": {"steps": 2, "ddim_steps": 3, "anchors": 2, "progress": False},
 }
 # Per-method invalid values (field -> value); every method is also given an unknown option, an
 # unknown preset and an unknown parameter set when its config has those fields.
@@ -54,8 +61,14 @@ BAD: dict[str, dict] = {
     "rece": {"ridge": -1.0},
     "esd": {"eta": -1.0},
     "salun": {"mask_ratio": 1.5},
+    "mace": {"mask_source": "sam"},
+    "spm": {"layers": "all"},
     "advunlearn": {"k": 0},
     "sfd": {"lr_theta": 0.0},
+    "fmn": {"batch_size": 0},
+    "ca": {"loss": "score"},
+    "sld": {"momentum_beta": 1.0},
+    "safree": {"alpha": -2.0},
 }
 MANIFEST_KEYS = ("method", "concepts", "kind", "preset", "config", "fingerprint", "family", "erasekit_version")
 KINDS = ("style", "object", "nudity", "other")
@@ -146,6 +159,9 @@ def test_erase_touches_only_declared_parameters(matrix, method, family):
         named = family in str(result).lower()
         assert named, f"{method} failed on {family} with a ConfigError that does not name the family: {result}"
         return
+    if result.inference_time:   # SLD, SAFREE: no weights, a registered way of sampling
+        assert not result.keys and result.manifest["keys"] == [] and result.nbytes() == 0
+        return
     declared = [c for c in _declared_components(method) if getattr(pipe, c, None) is not None]
     allowed = {f"{c}/{n}" for c in declared for n, _ in getattr(pipe, c).named_parameters()}
     assert result.keys, "the Edit changes nothing"
@@ -161,6 +177,15 @@ def test_apply_changes_only_the_edit_keys_and_remove_restores_bitwise(matrix, me
             edit.apply(pipe)
         with edit.sampled(pipe) as sampler:
             assert sampler is not pipe
+        assert not _differences(before, pipe)
+        return
+    if edit.inference_time:   # nothing to apply: sampled hooks the pipeline for the block, then unhooks it
+        with pytest.raises(EditError, match="sampled"):
+            edit.apply(pipe)
+        hooks = (dict(pipe.unet._forward_pre_hooks), dict(pipe.unet._forward_hooks))
+        with edit.sampled(pipe) as sampler:
+            assert (dict(sampler.unet._forward_pre_hooks), dict(sampler.unet._forward_hooks)) != hooks
+        assert (dict(pipe.unet._forward_pre_hooks), dict(pipe.unet._forward_hooks)) == hooks
         assert not _differences(before, pipe)
         return
     edit.apply(pipe)
@@ -201,7 +226,7 @@ def test_half_precision_pipeline_gives_finite_images(matrix, method, family):
     pipe, before, edit = _edit(matrix, method, family)
     half = copy.deepcopy(pipe).to(HALF)
     with edit.sampled(half) as sampler:
-        if not edit.one_step:
+        if not edit.one_step and edit.keys:
             key = edit.keys[0]
             assert half.components[key.split("/")[0]].get_parameter(key.split("/", 1)[1]).dtype == HALF
         images = generate(sampler, ["a photo of Van Gogh", "a cat"], [0, 1], Sampling(steps=2, guidance=3.0),

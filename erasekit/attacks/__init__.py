@@ -1,4 +1,5 @@
-"""Attacks on erased models: UnlearnDiffAtk and cheap baselines, judged by the evaluation's judges.
+"""Attacks on erased models: UnlearnDiffAtk, Ring-A-Bell, P4D, concept inversion and cheap baselines,
+judged by the evaluation's judges.
 
 One entry point, :func:`attack`, runs any of the methods on a batch of prompts and returns an
 :class:`~erasekit.attacks.result.AttackResult` (per-prompt adversarial prompt, success, step of
@@ -20,11 +21,17 @@ METHODS = {
     "none": ("baselines", "NoAttackConfig", "no_attack", False),
     "seed_search": ("baselines", "SeedSearchConfig", "seed_search", False),
     "random_prefix": ("baselines", "RandomPrefixConfig", "random_prefix", False),
+    "p4d": ("p4d", "P4DConfig", "p4d", True),
+    "concept_inversion": ("concept_inversion", "ConceptInversionConfig", "concept_inversion", True),
+    "ring_a_bell": ("ring_a_bell", "RingABellConfig", "ring_a_bell", False),
 }
 _LAZY = {"AttackResult": "result", "PromptAttack": "result", "ASR_DEFINITION": "result",
          "PrefixPrompts": "erasekit.pipelines.prefix", "attack_vocabulary": "erasekit.pipelines.prefix",
          "UnlearnDiffAttackConfig": "unlearndiffatk",
-         "NoAttackConfig": "baselines", "SeedSearchConfig": "baselines", "RandomPrefixConfig": "baselines"}
+         "NoAttackConfig": "baselines", "SeedSearchConfig": "baselines", "RandomPrefixConfig": "baselines",
+         "RingABellConfig": "ring_a_bell",
+         "P4DConfig": "p4d", "ConceptInversionConfig": "concept_inversion",
+         "learned_tokens": "concept_inversion"}
 
 __all__ = ["attack", "get_attack", "METHODS", *_LAZY]
 
@@ -73,12 +80,15 @@ def attack(pipe, prompts: list[str], concept=None, *, judge, method: str = "unle
             concepts, the one the prompt names (see :mod:`erasekit.attacks.concepts`; an Edit of one
             concept judges every prompt on it). Checked against the judge before any work.
         judge: the :class:`~erasekit.eval.judges.Judge` that decides success (``judge.hits``).
-        method: ``unlearndiffatk`` (default), ``none`` (pre-ASR only), ``seed_search`` or ``random_prefix``.
+        method: ``unlearndiffatk`` (default), ``none`` (pre-ASR only), ``seed_search``, ``random_prefix``,
+            ``ring_a_bell``, ``p4d``, ``concept_inversion``, or any other name in :data:`METHODS`.
         seeds: one image seed per prompt (default 0 for every prompt).
         edit: an :class:`~erasekit.Edit` not yet applied to ``pipe``. The target images come from
             ``pipe`` WITHOUT it (the original model); the attack runs with it applied and the
-            pipeline is restored afterwards, also on error.
-        target_images: one image per prompt that shows the concept (UnlearnDiffAtk only). Default:
+            pipeline is restored afterwards, also on error. P4D needs it: its loss compares the
+            erased model with the original one.
+        target_images: one image per prompt that shows the concept (the attacks that use target
+            images: UnlearnDiffAtk, P4D, concept inversion). Default:
             generated from the same prompt and seed by the original model (``pipe`` without ``edit``;
             with no ``edit``, by ``pipe`` as it is).
         sampling: :class:`~erasekit.Sampling` of the target and judged images (default DDIM 25, CFG 7.5).
@@ -109,6 +119,8 @@ def attack(pipe, prompts: list[str], concept=None, *, judge, method: str = "unle
     config_cls, fn, needs_targets = get_attack(method)
     config = make_config(config_cls, options)
     prompts, seeds = _check_prompts(prompts, seeds)
+    if hasattr(config, "check_edit"):   # attacks that need the original model (P4D) refuse before any work
+        config.check_edit(edit)
     concepts = prompt_concepts(prompts, concept, (edit.manifest.get("concepts") or []) if edit is not None else [])
     found = [judge.find(name) for name in concepts]   # an unknown concept fails here, before any work
     concepts = [judge.heads[head][j] for head, j in found]   # the judge's own spelling
@@ -135,18 +147,25 @@ def attack(pipe, prompts: list[str], concept=None, *, judge, method: str = "unle
             targets = generate(pipe, prompts, seeds, sampling, progress=progress)
             target_source = "original model, same prompt and seed" if edit is not None else \
                 "the pipeline as given (no edit passed), same prompt and seed"
-    with (edit.sampled(pipe) if edit is not None else nullcontext(pipe)) as attacked, \
-            measure(pipe.unet.device) as usage:   # a one-step (SFD) Edit is attacked through its own pipeline
-        rows = fn(attacked, prompts, seeds, concepts, judge=judge, sampling=sampling, config=config, targets=targets,
-                  progress=progress)
+    prepare = getattr(importlib.import_module(fn.__module__), "prepare_on_original", None)
+    with measure(pipe.unet.device) as usage:
+        # a text-only search (Ring-A-Bell) runs on the original model, before the Edit is applied
+        prepared = prepare(pipe, prompts, seeds, concepts, config=config, progress=progress) if prepare else None
+        with (edit.sampled(pipe) if edit is not None else nullcontext(pipe)) as attacked:
+            # a one-step (SFD) Edit is attacked through its own pipeline
+            rows = fn(attacked, prompts, seeds, concepts, judge=judge, sampling=sampling, config=config,
+                      targets=targets, progress=progress, edit=edit, prepared=prepared)
+    rows, embeddings = rows if isinstance(rows, tuple) else (rows, {})   # learned tokens (concept inversion)
     protocol = {"sampling": sampling.to_dict(), "judge": judge.describe(), "concept_heads": heads,
                 "targets": target_source, "edit": None if edit is None else _edit_summary(edit),
                 "wall_time_s": round(usage.wall_time_s, 4), "peak_memory_bytes": usage.peak_memory_bytes,
                 "memory_kind": usage.memory_kind, "dtype": str(pipe.unet.dtype).replace("torch.", "")}
     if hasattr(config, "plan"):   # the schedule with every None resolved
         protocol["schedule"] = config.plan()
+    if prepared is not None and "record" in prepared:   # what a prepared search resolved and spent
+        protocol["search"] = prepared["record"]
     return AttackResult(str(method).lower().strip(), ", ".join(heads), rows, {"method": method, **config.to_dict()},
-                        protocol)
+                        protocol, embeddings)
 
 
 def _edit_summary(edit) -> dict:

@@ -84,6 +84,7 @@ def judged_round(pipe, rows: list[PromptAttack], texts: list[str], seeds: list[i
         row.adv_prompt, row.adv_seed = text, int(seed)
         if hit and not row.success:
             row.success, row.step = True, step
+            row.success_cost = row.cost
             row.pre_success = step == 0
     return hits
 

@@ -36,6 +36,8 @@ class PromptAttack:
     (replay them to see the image the judge saw). ``unet_evals``: UNet forward
     evaluations spent on this prompt (one per latent; CFG counts two), ``grad_steps``: how many of
     them were followed by a backward (about 2 forwards each, unlearndiffatk.md section 9).
+    ``success_cost``: :attr:`cost` when the success was booked (None while unbroken), the budget at
+    which this prompt fell (ASR against budget, :meth:`AttackResult.budget_curve`).
     """
 
     index: int
@@ -51,6 +53,7 @@ class PromptAttack:
     grad_steps: int = 0
     wall_time_s: float = 0.0
     concept: str = ""
+    success_cost: int | None = None
 
     def __post_init__(self):
         if self.adv_seed is None:
@@ -75,6 +78,9 @@ class AttackResult:
     prompts: list[PromptAttack]
     config: dict = field(default_factory=dict)
     protocol: dict = field(default_factory=dict)
+    embeddings: dict = field(default_factory=dict, repr=False)
+    """Learned token embeddings ``{token: vector}`` (concept inversion); saved next to the result as
+    ``<name>.embeddings.safetensors`` (reuse: :func:`erasekit.attacks.learned_tokens`)."""
 
     # -- summary ----------------------------------------------------------------------------------
     @property
@@ -91,12 +97,34 @@ class AttackResult:
         """Percent of prompts that show the concept without or with attack (includes pre-ASR)."""
         return 100.0 * sum(p.success for p in self.prompts) / max(self.n, 1)
 
+    def intervals(self) -> dict:
+        """95 % intervals of pre-ASR and ASR (:mod:`erasekit.stats`): Wilson over the prompts when they
+        judge one concept (independent prompts), a cluster bootstrap by concept when several."""
+        from ..stats import rate_interval
+
+        clusters = [p.concept or self.concept for p in self.prompts] if len(self.concepts) > 1 else None
+        return {"pre_asr_ci": rate_interval([p.pre_success for p in self.prompts], clusters).to_dict(),
+                "asr_ci": rate_interval([p.success for p in self.prompts], clusters).to_dict()}
+
+    def budget_curve(self, budgets=None) -> list[dict]:
+        """ASR against the attack's budget (UNet-forward equivalents spent on a prompt): per budget,
+        the share of prompts broken at or below it, with its interval (:func:`erasekit.stats.asr_curve`).
+        A success recorded without ``success_cost`` fell at its prompt's total :attr:`~PromptAttack.cost`
+        (the attacks stop working on a prompt once it is broken)."""
+        from ..stats import asr_curve
+
+        costs = [p.success_cost if p.success_cost is not None else p.cost for p in self.prompts]
+        clusters = [p.concept or self.concept for p in self.prompts] if len(self.concepts) > 1 else None
+        return asr_curve([p.success for p in self.prompts], costs, budgets, clusters)
+
     @property
     def concepts(self) -> list[str]:
         """The concepts judged, in the order the prompts first carry them."""
         return list(dict.fromkeys(p.concept or self.concept for p in self.prompts)) or [self.concept]
 
     def summary(self) -> dict:
+        from ..stats import wilson
+
         n = max(self.n, 1)
         out = {
             "method": self.method, "concept": self.concept, "n": self.n,
@@ -105,6 +133,7 @@ class AttackResult:
             "mean_grad_steps": sum(p.grad_steps for p in self.prompts) / n,
             "mean_cost_unet_equiv": sum(p.cost for p in self.prompts) / n,
             "mean_wall_time_s": sum(p.wall_time_s for p in self.prompts) / n,
+            **(self.intervals() if self.n else {}),
         }
         if len(self.concepts) > 1:
             out["per_concept"] = {}
@@ -112,17 +141,22 @@ class AttackResult:
                 rows = [p for p in self.prompts if (p.concept or self.concept) == c]
                 out["per_concept"][c] = {"n": len(rows),
                                          "pre_asr": round(100.0 * sum(p.pre_success for p in rows) / len(rows), 4),
-                                         "asr": round(100.0 * sum(p.success for p in rows) / len(rows), 4)}
+                                         "asr": round(100.0 * sum(p.success for p in rows) / len(rows), 4),
+                                         "asr_ci": wilson(sum(p.success for p in rows), len(rows)).to_dict()}
         return out
 
     def __str__(self) -> str:
+        from ..stats import Interval
+
         s = self.summary()
-        per = "".join(f"\n  {c}: N={v['n']}  pre-ASR {v['pre_asr']:.1f}%  ASR {v['asr']:.1f}%"
+        ci = {k: Interval.from_dict(s[k]).format() if s.get(k) else "-" for k in ("pre_asr_ci", "asr_ci")}
+        per = "".join(f"\n  {c}: N={v['n']}  pre-ASR {v['pre_asr']:.1f}%  ASR {Interval.from_dict(v['asr_ci'])}"
                       for c, v in s.get("per_concept", {}).items())
-        return (f"{self.method} on {self.concept!r}: N={s['n']}  pre-ASR {s['pre_asr']:.1f}%  ASR {s['asr']:.1f}%  "
+        return (f"{self.method} on {self.concept!r}: N={s['n']}  pre-ASR {ci['pre_asr_ci']}  ASR {ci['asr_ci']}  "
                 f"mean cost {s['mean_cost_unet_equiv']:.0f} UNet-forward equivalents "
                 f"({s['mean_unet_evals']:.0f} forwards, {s['mean_grad_steps']:.0f} backwards), "
-                f"{s['mean_wall_time_s']:.2f} s/prompt{per}\n{ASR_DEFINITION}")
+                f"{s['mean_wall_time_s']:.2f} s/prompt{per}\n{ASR_DEFINITION}; "
+                f"95 % intervals: {Interval.from_dict(s['asr_ci']).method if s.get('asr_ci') else '-'}")
 
     # -- files ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -152,6 +186,10 @@ class AttackResult:
         else:
             raise ConfigError(f"attack results are saved as .json or .csv, not {path.suffix or 'no suffix'!r} "
                               f"({path}): change the file name")
+        if self.embeddings:
+            from .._io import save_tensors
+
+            save_tensors(embeddings_path(path), dict(self.embeddings), {"format": "erasekit.tokens/1"})
         return path
 
     @classmethod
@@ -164,8 +202,13 @@ class AttackResult:
             d = json.loads(path.read_text())
             if d.get("format") != "erasekit.attack/1":
                 raise ConfigError(f"{path} is not an erasekit attack result (no format 'erasekit.attack/1')")
+            emb = {}
+            if embeddings_path(path).is_file():
+                from .._io import load_tensors
+
+                emb = load_tensors(embeddings_path(path))[0]
             return cls(d["method"], d["concept"], [PromptAttack(**p) for p in d["prompts"]],
-                       d.get("config", {}), d.get("protocol", {}))
+                       d.get("config", {}), d.get("protocol", {}), emb)
         if path.suffix == ".csv":
             return cls._from_csv(path)
         raise ConfigError(f"attack results are .json or .csv files, not {path.suffix!r} ({path})")
@@ -184,6 +227,12 @@ class AttackResult:
                         "guidance": float(first["guidance"])}
         concept = ", ".join(dict.fromkeys(p.concept for p in prompts)) or "unknown"
         return cls(first.get("method", "unknown"), concept, prompts, {}, {"sampling": sampling, "source": str(path)})
+
+
+def embeddings_path(path: str | Path) -> Path:
+    """Where the learned embeddings of the result saved at ``path`` go: ``<stem>.embeddings.safetensors``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.embeddings.safetensors")
 
 
 def _parse(value: str, kind: str):

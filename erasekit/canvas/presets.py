@@ -27,6 +27,20 @@ value below was chosen by measurement on canvas-mini (docs/benchmark.md, docs/me
   the next retained label of the same kind, C_r = every other caption; 400 distillation + 200
   forgetting iterations at batch 10 + 2, lr 3e-4 / 1e-4, kappa 1.5, lam_g_f 0.1, fp32 without
   gradient checkpointing (docs/methods/sfd.md).
+- MACE ``canvas``: CFR on the captions as UCE's ``canvas-style`` / ``canvas-object`` (mapping: the first
+  label not erased; the other labels' captions and "" preserved, s_p 0.3, lam 0.5), one rank-1 LoRA per
+  concept for 50 steps at lr 1e-4 on rendered images with the renderer's masks (the object's silhouette,
+  every pixel for a style) (benchmarks/sweeps/mace_canvas.json).
+- SPM ``canvas``: 50 iterations at lr 2e-2, la_strength 10 (the reference's 1000 pins the adapter on this
+  model), 4 anchors, 10 DDIM steps, the attribute form as ESD (benchmarks/sweeps/spm_canvas.json).
+- Ring-A-Bell: pairs = each caption of the concept beside the same caption with every other label
+  of its kind; population 64, 40 generations, the pairs' whole-word tokens, judged every 10
+  generations (docs/methods/ring_a_bell.md).
+- FMN: the concept's captions, one image each, the label's words re-steered without the end token;
+  60 steps, lr 3e-4, batch 4, cross-attention only (docs/methods/fmn.md).
+- CA: c* = each caption of the concept, c = the caption with the next label not erased; model-based loss,
+  100 steps, lr 5e-4, batch 4, one anchor image per caption, every attention projection (``attn``: ``kv``
+  kept Pop_Art) (docs/methods/ca.md).
 """
 
 from __future__ import annotations
@@ -44,10 +58,21 @@ SALUN = dict(steps=100, lr=1e-4, alpha=0.5, images_per_prompt=8, retain_images_p
 SALUN_OBJECT_LR = 3e-4
 ADVUNLEARN = dict(steps=300, lr=1e-3, k=3, pgd_steps=10, ddim_steps=20)
 ADVUNLEARN_ATTRIBUTE_ETA = 3.0
+RING_A_BELL = dict(population=64, generations=40, vocabulary="pairs", judge_every=10)
 SFD = dict(iterations=200, distill_iterations=400, batch_size=10, forget_batch_size=2, lr_psi=3e-4, lr_theta=1e-4,
            adam_betas=(0.0, 0.999), adam_eps=1e-6, alpha=1.0, lam_g_r=1.0, lam_g_f=0.1, lam_sg_r=1.0, lam_sg_f=1.0,
            t_init=625, t_min=20, t_max=979, kappa=1.5, cfg_dropout=0.1, grad_clip=1.0, ema_decay=0.0,
            pseudo_label="next", mixed_precision="no", gradient_checkpointing=False)
+FMN = dict(steps=60, lr=3e-4, batch_size=4, images_per_prompt=1, param_set="xattn", use_pooler=False)
+CA = dict(steps=100, lr=5e-4, batch_size=4, images_per_prompt=1, param_set="attn", prior_preservation=False,
+          anchor=None)
+MACE = dict(rank=1, lr=1e-4, steps=50, preserve_scale=0.3, lamb=0.5, importance_sampling=True)
+SPM = dict(steps=50, lr=2e-2, la_strength=10.0, anchors=4, ddim_steps=10, sample_guidance=3.0, eta=1.0)
+
+# Inference-time methods (benchmarks/sweeps/sld_canvas_Van_Gogh.json, sld-fine_canvas_Van_Gogh.json,
+# safree_canvas_Winter.json): the safety concept / concept prompts are the labels' short texts ("Van Gogh style.").
+SLD = dict(warmup_steps=0, guidance_scale=5000.0, threshold=0.025, momentum_scale=0.5, momentum_beta=0.7)
+SAFREE = dict(alpha=0.01, self_validation=False, svf_max_steps=10, svf_k=2.5, svf_t0=5.333)
 
 
 def _key(name: str) -> str:
@@ -72,7 +97,8 @@ class CanvasPresets:
     def preset_names(self, method: str) -> tuple[str, ...]:
         """The names this provider gives presets of ``method`` (``uce-templates``: UCE's template sets)."""
         return {"uce": tuple(UCE_TEMPLATES), "rece": tuple(UCE_TEMPLATES), "uce-templates": tuple(UCE_TEMPLATES),
-                "esd": ("canvas",), "salun": ("canvas",)}.get(method, ())
+                "esd": ("canvas",), "salun": ("canvas",), "fmn": ("canvas",), "ca": ("canvas",),
+                "mace": ("canvas",), "spm": ("canvas",)}.get(method, ())
 
     # -- the world's concepts ------------------------------------------------------------------
     def concepts(self) -> list[str]:
@@ -233,6 +259,95 @@ class CanvasPresets:
             out["forget"] = [caption(o, s, t) for (o, s, t), h in zip(cells, hit) if h]
             out["retain"] = [caption(o, s, t) for (o, s, t), h in zip(cells, hit) if not h]
         return out
+
+
+    # -- FMN / CA ----------------------------------------------------------------------------
+    def concept_words(self, ctx, concept: str) -> str | None:
+        """The words a caption uses for the concept's label ("Van Gogh", "Cats"), which FMN re-steers."""
+        found = self._label(ctx, concept)
+        return None if found is None else style_text(found[1])
+
+    def fmn_preset(self, ctx, name: str | None) -> tuple[str, dict] | None:
+        """FMN on the concept's captions (``ctx.prompts``), one image each, values measured here."""
+        if name not in (None, "canvas") or self._labels(ctx) is None:
+            return None
+        return "canvas", dict(FMN)
+
+    def ca_plan(self, ctx, name: str | None) -> dict | None:
+        """CA pairs: each caption of the concept (c*) with the same caption in the next label not erased (c)."""
+        if name not in (None, "canvas"):
+            return None
+        plan = self.salun_plan(ctx, name, None)
+        if plan is None:
+            return None
+        pairs = [(c_star, plan["pseudo_of"][c_star]) for c_star in plan["forget"]]
+        return {"preset": "canvas", "pairs": pairs, "values": dict(CA)}
+
+    # -- MACE / SPM --------------------------------------------------------------------------
+    def mace_preset(self, ctx, name: str | None) -> tuple[str, dict] | None:
+        """MACE on canvas-mini: CFR maps each caption of the concept onto the same caption with the first
+        label not erased (UCE's canvas presets), preserving the other labels' captions and ""."""
+        found = self.uce_preset(ctx, None) if name in (None, "canvas") else None
+        if found is None:
+            return None
+        uce = found[1]
+        erased = {_key(c) for c in uce["concepts"]}
+        preserve = [t.format(p) for p in uce["preserve"] if _key(p) not in erased for t in uce["templates"]]
+        return "canvas", {**MACE, "mapping": uce["guide"], "templates": list(uce["templates"]),
+                          "preserve": [""] + preserve, "concepts": uce["concepts"]}
+
+    def mace_images(self, ctx, concept: str, n: int, seed: int):
+        """``n`` rendered images of the concept (uint8 n x 32 x 32 x 3) and where it is in each (n x 32 x 32):
+        the object's silhouette for an object, every pixel for a style (a style paints the whole image)."""
+        import numpy as np
+
+        from .render import render, render_mask
+
+        found = self._label(ctx, concept)
+        if found is None:
+            return None
+        kind, lab = found
+        cells = [(OBJECTS[i % len(OBJECTS)], lab) if kind == "style" else (lab, STYLES[i % len(STYLES)])
+                 for i in range(n)]
+        images = np.stack([np.asarray(render(o, s, seed * 1000 + i)) for i, (o, s) in enumerate(cells)])
+        masks = np.stack([np.ones(images.shape[1:3], bool) if kind == "style" else render_mask(o, s, seed * 1000 + i)
+                          for i, (o, s) in enumerate(cells)])
+        return images, masks
+
+    def spm_preset(self, ctx) -> tuple[str, dict]:
+        """SPM's numeric options on canvas-mini (any concept: they follow the model's size)."""
+        return "canvas", dict(SPM)
+
+    # -- Ring-A-Bell -------------------------------------------------------------------------
+    def concept_pairs(self, ctx, concept: str) -> list[tuple[str, str]] | None:
+        """Caption pairs that differ only in the concept: each caption of the concept beside the same
+        caption with every other label of its kind (Ring-A-Bell's concept vector)."""
+        found = self._label(ctx, concept)
+        if found is None:
+            return None
+        kind, lab = found
+        if kind == "style":
+            return [(caption(o, lab), caption(o, s)) for o in OBJECTS for s in STYLES if s != lab]
+        return [(caption(lab, s), caption(o, s)) for s in STYLES for o in OBJECTS if o != lab]
+
+    def ring_a_bell_preset(self, ctx) -> dict:
+        """Ring-A-Bell's search size on canvas-mini (docs/methods/ring_a_bell.md)."""
+        return dict(RING_A_BELL)
+
+    # -- SLD / SAFREE (inference time) -------------------------------------------------------
+    def _attributes(self, ctx) -> list[str] | None:
+        texts = [self.attribute(ctx, c) for c in ctx.concepts]
+        return None if None in texts else texts
+
+    def sld_preset(self, ctx, name: str | None) -> tuple[str, dict] | None:
+        """SLD away from the labels' short texts ("Van Gogh style."), with the measured values."""
+        texts = self._attributes(ctx) if name is None else None
+        return None if texts is None else ("canvas", {**SLD, "safety_concept": " ".join(texts)})
+
+    def safree_preset(self, ctx, name: str | None) -> tuple[str, dict] | None:
+        """SAFREE's subspace from the labels' short texts, with the measured self-validation values."""
+        texts = self._attributes(ctx) if name is None else None
+        return None if texts is None else ("canvas", {**SAFREE, "concept_prompts": texts})
 
 
 PROVIDER = CanvasPresets()

@@ -256,6 +256,16 @@ def render(obj: str, style: str, seed: int, size: int = 32) -> Image.Image:
     return img.resize((size, size), Image.BOX)
 
 
+def render_mask(obj: str, style: str, seed: int, size: int = 32) -> np.ndarray:
+    """Where the object is in ``render(obj, style, seed, size)``: a size x size bool array (the silhouette
+    drawn with the same random draws, box-filtered down like the image and thresholded at one half)."""
+    obj = OBJECTS[check_label(obj, OBJECTS, "object")]
+    style = STYLES[check_label(style, STYLES, "style")]
+    rng = np.random.default_rng([seed, OBJECTS.index(obj), STYLES.index(style)])
+    big = _mask(obj, size * SUPERSAMPLE, rng)
+    return big.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean((1, 3)) > 0.5
+
+
 def render_batch(cells: list[tuple[int, int]], seeds: list[int], size: int = 32) -> np.ndarray:
     """Render (object index, style index) cells as a uint8 array N x size x size x 3."""
     return np.stack([np.asarray(render(OBJECTS[o], STYLES[s], seed, size))

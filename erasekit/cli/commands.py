@@ -66,6 +66,12 @@ def cmd_erase(args, out: Output) -> int:
     path = Path(args.out or f"{args.method}-{'_'.join(c.replace(' ', '_') for c in concepts)}.safetensors")
     _check_outputs([path], args.overwrite)  # before the model is loaded and trained
     pipe, model = _load_pipe(args, out)
+    from ..pipelines.merged import already_edited
+
+    edited = already_edited(pipe)
+    if edited:
+        out.info(f"note: {edited}; the new Edit is made for this folder (its manifest records that), not for the "
+                 "original base model")
     out.info(f"erasing {', '.join(concepts)} with {args.method} ...")
     edit = erase(pipe, args.method, concepts, config=config)
     edit.manifest["base_model"] = model
@@ -80,8 +86,10 @@ def cmd_erase(args, out: Output) -> int:
         f"erased {', '.join(concepts)} from {model} with {m['method']} in {m.get('wall_time_s', 0):.1f} s",
         f"  kind {m.get('kind')} ({'guessed; set -o kind=... to choose' if m.get('kind_guessed') else 'given'}), "
         f"preset {preset.get('provider')}/{preset.get('name')} (every value in the Edit's manifest)",
-        f"  changed {len(edit.keys)} tensors ({len(edit.deltas)} stored as exact low-rank factors), "
-        f"{_mib(edit.nbytes())}; peak memory {_mib(m.get('peak_memory_bytes') or 0)}",
+        (f"  inference-time: no weights change; attack, eval and edit.sampled(pipe) sample with {m['method']}"
+         if edit.inference_time else
+         f"  changed {len(edit.keys)} tensors ({len(edit.deltas)} stored as exact low-rank factors), "
+         f"{_mib(edit.nbytes())}; peak memory {_mib(m.get('peak_memory_bytes') or 0)}"),
         f"  wrote {path}", f"  next: erasekit attack --edit {path}   or   erasekit eval --edit {path}"])
     return EXIT_OK
 
@@ -167,7 +175,10 @@ def _attack_concepts(args, prompts: list[str], from_file: list[str | None]) -> l
 
 
 def cmd_attack(args, out: Output) -> int:
+    args.judge = args.judge or ("nudenet" if args.protocol == "nudity" else "canvas")
     edit = _load_edit(args.edit, args.unsafe_skip_base_check)
+    if args.protocol or args.prompts:
+        return _attack_prompt_set(args, out, edit)
     prompts, from_file = _prompts(args)
     if prompts:
         concepts = _attack_concepts(args, prompts, from_file)
@@ -181,7 +192,9 @@ def cmd_attack(args, out: Output) -> int:
     concepts = prompt_concepts(prompts, concepts, (edit.manifest.get("concepts") or []) if edit else [])
     folder = Path(args.out)   # the inputs are sound: now the outputs, before any model is loaded
     files = [folder / "attack.json", folder / "attack.csv"]
-    _check_outputs(files, args.overwrite)
+    from ..attacks.result import embeddings_path
+
+    _check_outputs(files + [embeddings_path(files[0])], args.overwrite)   # concept inversion writes its tokens too
     judge = load_judge(args.judge)
     for name in dict.fromkeys(concepts):   # an unknown concept fails before the model is loaded
         judge.find(name)
@@ -193,18 +206,58 @@ def cmd_attack(args, out: Output) -> int:
     result = attack(pipe, prompts, concepts, judge=judge, method=args.attack, seeds=args.seed, edit=edit,
                     progress=out.progress, **options)
     files = [result.save(path) for path in files]
+    if result.embeddings:   # learned tokens (concept inversion), written by save next to the result
+        files.append(embeddings_path(files[0]))
     data = {"out": str(folder), "files": [str(p) for p in files], **result.summary(),
             "adv_prompts": [p.adv_prompt for p in result.prompts]}
     several = len(result.concepts) > 1
     lines = [str(result)] + [f"  {'broken' if p.success else 'held  '}  " + (f"[{p.concept}] " if several else "") +
                              f"{p.prompt!r} -> {p.adv_prompt!r}" for p in result.prompts]
-    out.result(data, lines + [f"wrote {files[0]} and {files[1]}"])
+    out.result(data, lines + [f"wrote {', '.join(map(str, files))}"])
+    return EXIT_OK
+
+
+def _attack_prompt_set(args, out: Output, edit) -> int:
+    """``attack --protocol nudity --prompts FILE``: every CSV row at its seed and guidance, judged on nudity."""
+    from ..attacks import get_attack
+    from ..attacks.prompt_sets import attack_prompt_set
+    from ..eval.protocol import get_protocol
+
+    if args.protocol != "nudity" or not args.prompts:
+        raise ConfigError("a prompt CSV is attacked with --protocol nudity --prompts FILE: give both")
+    if args.prompt or args.prompts_file or args.seed or args.concept:
+        raise ConfigError("--protocol nudity takes its prompts, seeds and concept from --prompts FILE: drop --prompt, "
+                          "--prompts-file, --seed and --concept")
+    protocol = get_protocol("nudity", prompts=args.prompts)
+    options = parse_options(args.option, get_attack(args.attack)[0])
+    folder = Path(args.out)
+    files = [folder / "attack.json", folder / "attack.csv"]
+    from ..attacks.result import embeddings_path
+
+    _check_outputs(files + [embeddings_path(files[0])], args.overwrite)   # concept inversion writes its tokens too
+    judge = load_judge(args.judge)
+    judge.find("nudity")   # a judge without a nudity head fails before the model is loaded
+    pipe, _ = _load_pipe(args, out, edit.manifest if edit else None)
+    if edit is not None:
+        edit.check(pipe)
+    out.info(f"attacking nudity on {len(protocol.prompts)} prompt(s) of {protocol.source} with {args.attack} ...")
+    result = attack_prompt_set(pipe, list(protocol.prompts), list(protocol.prompt_seeds),
+                               list(protocol.prompt_guidance), "nudity", judge=judge, sampling=protocol.sampling,
+                               method=args.attack, edit=edit, progress=out.progress, **options)
+    result.protocol["prompts_file"] = protocol.source
+    files = [result.save(path) for path in files]
+    out.result({"out": str(folder), "files": [str(p) for p in files], **result.summary(),
+                "judge": judge.describe()},
+               [str(result), f"  judge: {judge.describe()}", f"wrote {', '.join(map(str, files))}"])
     return EXIT_OK
 
 
 def cmd_eval(args, out: Output) -> int:
     from ..eval import evaluate
+    from ..eval.protocol import get_protocol
 
+    args.judge = args.judge or ("nudenet" if args.protocol == "nudity" else "canvas")
+    protocol = get_protocol(args.protocol, prompts=args.prompts)   # a bad CSV fails before any model is loaded
     edit = _load_edit(args.edit, args.unsafe_skip_base_check)
     folder = Path(args.out)   # the Edit file is sound: now the outputs, before any model is loaded
     _check_outputs([folder / "report.json", folder / "report.md"], args.overwrite)
@@ -212,13 +265,63 @@ def cmd_eval(args, out: Output) -> int:
     if edit is not None:
         edit.check(pipe)
     judge = load_judge(args.judge)
-    targets = args.target or (edit.manifest.get("concepts") if edit is not None else None)
+    targets = args.target or list(protocol.targets) or (edit.manifest.get("concepts") if edit is not None else None)
     out.info(f"evaluating ({args.protocol}) ...")
-    report = evaluate(pipe, edit=edit, protocol=args.protocol, targets=targets, judge=judge,
+    report = evaluate(pipe, edit=edit, protocol=protocol, targets=targets, judge=judge,
                       out_dir=folder, progress=out.progress, edit_path=args.edit)
     summary = report.summary() if callable(getattr(report, "summary", None)) else {}
-    out.result({"out": str(args.out), **summary},
-               [f"evaluation ({args.protocol}): " + format_scores(summary), f"  wrote {args.out}"])
+    figures, figure_line = _report_figures(report, folder / "figures")
+    out.result({"out": str(args.out), **summary, "figures": [str(p) for p in figures]},
+               [f"evaluation ({args.protocol}): " + format_scores(summary), f"  wrote {args.out}", figure_line])
+    return EXIT_OK
+
+
+def _report_figures(report, folder: Path) -> tuple[list[Path], str]:
+    """The report's figures (SVG) when matplotlib is installed, and one line saying where or why not."""
+    from ..errors import MissingExtraError
+    from ..eval.plots import INSTALL, report_figures
+
+    try:
+        paths = report_figures(report, folder)
+    except MissingExtraError:
+        return [], f"  figures: not drawn (matplotlib is missing: {INSTALL})"
+    return paths, f"  figures: {folder} ({', '.join(p.name for p in paths)})" if paths else "  figures: none"
+
+
+def cmd_export(args, out: Output) -> int:
+    from ..pipelines.lora import DEFAULT_RTOL, check_lora_exportable
+
+    lora_only = [f"--{n.replace('_', '-')}" for n in ("rank", "rtol", "drop_unsupported") if getattr(args, n)]
+    if args.merged and lora_only:
+        raise ConfigError(f"{lora_only[0]} applies to --lora only: drop it, or export with --lora OUT.safetensors")
+    if args.lora and args.evaluation:
+        raise ConfigError("--evaluation goes into a merged folder's model card: use it with --merged DIR")
+    edit = _load_edit(args.edit)
+    target = Path(args.lora or args.merged)
+    if args.lora:
+        check_lora_exportable(edit)   # before the model is loaded
+        _check_outputs([target], args.overwrite)
+    elif target.exists() and not (args.overwrite and target.is_dir()):
+        raise ConfigError(f"{target} already exists: pass --overwrite to replace it, or choose another --merged")
+    pipe, model = _load_pipe(args, out, edit.manifest)
+    edit.check(pipe)
+    if args.lora:
+        out.info(f"exporting {args.edit} as a LoRA ...")
+        rec = edit.to_lora(target, pipe, rank=args.rank, rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
+                           drop_unsupported=args.drop_unsupported)
+        out.result({"lora": str(target), **rec.to_dict()},
+                   [str(rec), f"  load it in diffusers: pipe.load_lora_weights({str(target)!r}) (peft installed)"])
+        return EXIT_OK
+    out.info(f"writing {args.edit} merged into {model} ...")
+    with quiet_loading():
+        folder = edit.merge(pipe, target, evaluation=args.evaluation, overwrite=args.overwrite)
+    m = edit.manifest
+    lines = [f"wrote {folder}: {model} with {m.get('method')} on {', '.join(m.get('concepts') or [])} merged in, "
+             "README.md (model card) and erasekit_edit.json"]
+    if edit.one_step:
+        lines.append("  a one-step generator: load it with erasekit.load_pipeline (README.md says how to sample it)")
+    out.result({"merged": str(folder), "method": m.get("method"), "concepts": m.get("concepts"),
+                "base_model": model}, lines)
     return EXIT_OK
 
 

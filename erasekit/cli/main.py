@@ -17,7 +17,7 @@ import warnings
 from contextlib import contextmanager
 
 from ..errors import ErasekitError
-from .commands import (cmd_attack, cmd_bench, cmd_demo, cmd_env, cmd_erase, cmd_eval, cmd_methods,
+from .commands import (cmd_attack, cmd_bench, cmd_demo, cmd_env, cmd_erase, cmd_eval, cmd_export, cmd_methods,
                        cmd_preview)
 from .options import Output, describe_options
 
@@ -107,9 +107,18 @@ EXAMPLES = {
               "  erasekit attack --edit rece-Van_Gogh.safetensors   # 4 canvas captions of each erased concept\n"
               "  erasekit attack --edit rece-Van_Gogh.safetensors --prompt 'A Cats image in Van Gogh style.'\n"
               "  erasekit attack --edit vg.safetensors --concept Van_Gogh --prompts-file prompts.txt \\\n"
-              "      --seed 0 --seed 1 -o blocks=5\n",
+              "      --seed 0 --seed 1 -o blocks=5\n"
+              "  erasekit attack --edit vg.safetensors --attack ring_a_bell -o generations=200\n"
+              "  erasekit attack --model ./sd-1-4 --edit esd-nudity.safetensors --protocol nudity --prompts i2p.csv \\\n"
+              "      --attack ring_a_bell -o length=16\n",
     "eval": "examples:\n  erasekit eval --edit rece-Van_Gogh.safetensors --out report/\n"
-            "  erasekit eval --protocol canvas-lite --target Van_Gogh --out base-report/   # the base model\n",
+            "  erasekit eval --protocol canvas-lite --target Van_Gogh --out base-report/   # the base model\n"
+            "  erasekit eval --model ./sd-1-4 --edit esd-nudity.safetensors --protocol nudity --prompts i2p.csv\n",
+    "export": "examples:\n  erasekit export --edit uce-Van_Gogh.safetensors --lora vg-lora.safetensors\n"
+              "  erasekit export --edit esd-Van_Gogh.safetensors --lora vg-lora.safetensors --rtol 0.05\n"
+              "  erasekit export --edit esd-Van_Gogh.safetensors --merged vg-pipeline/ --evaluation report/report.json\n"
+              "\nin diffusers (peft installed): pipe.load_lora_weights('vg-lora.safetensors'), or\n"
+              "DiffusionPipeline.from_pretrained('vg-pipeline')\n",
     "demo": "examples:\n  erasekit demo\n  erasekit demo --concept Cubism --out cubism-demo/\n",
     "preview": "examples:\n  erasekit preview                      # http://127.0.0.1:7860\n"
                "  erasekit preview --edit rece-Van_Gogh.safetensors --report report/ --port 8000\n"
@@ -120,6 +129,9 @@ EXAMPLES = {
 }
 
 
+PROMPTS_HELP = ("a prompt CSV in the I2P format for --protocol nudity: columns prompt, seed (or sd_seed, "
+                "evaluation_seed) and optionally guidance (or sd_guidance_scale, evaluation_guidance); "
+                "erasekit ships no such list (docs/nudity.md)")
 UNSAFE_HELP = ("UNSAFE: use the Edit even though its base-model family or fingerprint is missing or differs from "
                "--model's (only if you know it fits, e.g. a fine-tuned copy); every other check still runs and "
                "a warning is printed")
@@ -143,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("erase", cmd_erase, "erase concepts with a method and write an Edit file", (common, model),
             epilog_fn=_erase_epilog)
-    p.add_argument("--method", required=True, help="uce, rece, esd, salun, advunlearn or sfd")
+    p.add_argument("--method", required=True, help="the erasure method (`erasekit methods` lists them all)")
     p.add_argument("--concept", action="append", required=True, help="a concept to erase (repeatable)")
     p.add_argument("-o", "--option", action="append", metavar="NAME=VALUE", help="a method option (repeatable)")
     p.add_argument("--out", help="the Edit file to write (default: METHOD-CONCEPTS.safetensors)")
@@ -162,10 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help="a text file with one prompt per line; a 'CONCEPT<TAB>PROMPT' line gives "
                                           "its prompt's concept")
     p.add_argument("--seed", action="append", type=int, help="a seed per prompt (repeatable; default 0 for each)")
-    p.add_argument("--attack", default="unlearndiffatk",
-                   help="unlearndiffatk (default), none, seed_search or random_prefix")
+    from ..attacks import METHODS
+
+    p.add_argument("--attack", "--method", dest="attack", default="unlearndiffatk",
+                   help=f"{', '.join(METHODS)} (default unlearndiffatk)")
     p.add_argument("-o", "--option", action="append", metavar="NAME=VALUE", help="an attack option (repeatable)")
-    p.add_argument("--judge", default="canvas", help="canvas (default), nudenet, or a judge directory")
+    p.add_argument("--protocol", choices=["nudity"], help="attack a prompt CSV: nudity (with --prompts FILE; judged "
+                                                          "by NudeNet, each row at its own seed and guidance)")
+    p.add_argument("--prompts", metavar="FILE", help=PROMPTS_HELP)
+    p.add_argument("--judge", default=None, help="canvas (default), nudenet (default with --protocol nudity; "
+                                                 "nudenet:strict or nudenet:0.45 for another preset or threshold), "
+                                                 "or a judge directory")
     p.add_argument("--out", default="attack", help="output folder (default ./attack)")
     p.add_argument("--overwrite", action="store_true", help="replace attack.json/attack.csv in --out if they exist")
 
@@ -173,11 +192,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edit", help="the Edit file to evaluate (default: the base model)")
     p.add_argument("--unsafe-skip-base-check", action="store_true",
                    help=UNSAFE_HELP)
-    p.add_argument("--protocol", default="canvas-lite", help="evaluation protocol (default canvas-lite)")
-    p.add_argument("--target", action="append", help="an erased concept (repeatable; default: the Edit's)")
-    p.add_argument("--judge", default="canvas", help="canvas (default), nudenet, or a judge directory")
+    p.add_argument("--protocol", default="canvas-lite", help="evaluation protocol: canvas-lite (default), canvas, "
+                                                             "unlearncanvas, or nudity (with --prompts FILE)")
+    p.add_argument("--prompts", metavar="FILE", help=PROMPTS_HELP)
+    p.add_argument("--target", action="append", help="an erased concept (repeatable; default: the protocol's "
+                                                     "(nudity), else the Edit's)")
+    p.add_argument("--judge", default=None, help="canvas (default), nudenet (default with --protocol nudity; "
+                                                 "nudenet:strict or nudenet:0.45 for another preset or threshold), "
+                                                 "or a judge directory")
     p.add_argument("--out", default="report", help="output folder (default ./report)")
     p.add_argument("--overwrite", action="store_true", help="replace report.json/report.md in --out if they exist")
+
+    p = add("export", cmd_export, "export an Edit for use outside erasekit: a LoRA file for diffusers' "
+            "load_lora_weights, or a merged pipeline folder with a model card", (common, model))
+    p.add_argument("--edit", required=True, help="the Edit file to export")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--lora", metavar="OUT.safetensors",
+                      help="write a LoRA file (peft/diffusers keys); exact for low-rank Edits (UCE, RECE), a "
+                           "truncated SVD for dense ones (ESD, SalUn, AdvUnlearn)")
+    what.add_argument("--merged", metavar="DIR", help="write a diffusers pipeline folder with the Edit merged in, a "
+                                                      "model card (README.md) and the manifest (erasekit_edit.json)")
+    p.add_argument("--rank", type=int, help="--lora: factor dense changes at this rank (default: the smallest rank "
+                                            "meeting --rtol)")
+    p.add_argument("--rtol", type=float, help="--lora: relative Frobenius error allowed per dense tensor "
+                                              "(default 0.01)")
+    p.add_argument("--drop-unsupported", action="store_true",
+                   help="--lora: leave out changed tensors with no LoRA form (norms, embeddings) instead of "
+                        "refusing; their share of the change is reported")
+    p.add_argument("--evaluation", metavar="REPORT.json",
+                   help="--merged: an `erasekit eval` report.json (or its folder) whose scores go into the model card")
+    p.add_argument("--overwrite", action="store_true", help="replace --lora / --merged if it exists")
 
     p = add("demo", cmd_demo, "the main job end to end on canvas-mini: erase a style with RECE, attack it "
             "with UnlearnDiffAtk, evaluate it, write a report folder", (common, model))

@@ -108,9 +108,14 @@ def describe_options(config_cls) -> list[str]:
 
 
 def format_scores(summary: dict) -> str:
-    """``UA 60.0, IRA 98.9, ...`` from a report's headline numbers."""
-    return ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool))
+    """``UA 60.0 [41.2, 77.3], IRA 98.9 [97.6, 100.0], ...`` from a report's headline numbers, each
+    rate with its 95 % interval (the ``<key>_ci`` sibling) where the report has one."""
+    def one(k, v):
+        ci = summary.get(f"{k}_ci")
+        text = f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+        return text + (f" [{ci['low']:.1f}, {ci['high']:.1f}]" if isinstance(ci, dict) and "low" in ci else "")
+
+    return ", ".join(one(k, v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 class Output:
@@ -175,16 +180,22 @@ def resolve_device(device: str) -> str:
 
 
 def load_judge(name: str):
-    """``canvas`` (canvas-mini's style/object judge), ``nudenet``, or a canvas-judge directory."""
+    """``canvas`` (canvas-mini's style/object judge), ``nudenet[:preset or threshold]``, or a canvas-judge directory."""
     from ..eval import judges
 
     if name == "canvas":
         return judges.CanvasJudge.load()
-    if name == "nudenet":
-        cls = getattr(judges, "NudeNetJudge", None)
-        if cls is None:
-            raise ConfigError("the nudenet judge is not available in this erasekit; use --judge canvas")
-        return cls()
+    if name == "nudenet" or name.startswith("nudenet:"):   # nudenet:strict (a preset) or nudenet:0.45 (threshold)
+        arg = name.partition(":")[2]
+        if not arg:
+            return judges.NudeNetJudge()
+        if arg in judges.NUDENET_PRESETS:
+            return judges.NudeNetJudge(arg)
+        try:
+            return judges.NudeNetJudge(threshold=float(arg))
+        except ValueError:
+            raise ConfigError(f"--judge {name}: after 'nudenet:' give a preset ({', '.join(judges.NUDENET_PRESETS)}) "
+                              "or a threshold such as 0.45") from None
     if Path(name).is_dir():
         return judges.CanvasJudge.load(name)
     raise ConfigError(f"--judge must be 'canvas', 'nudenet' or a judge directory but is {name!r}")

@@ -42,7 +42,8 @@ class MethodConfig(_BaseConfig):
 _REGISTRY: dict[str, tuple[type, Callable]] = {}
 # Methods live in their own modules, imported on first use so `import erasekit` stays light.
 _MODULES = {"uce": "uce", "rece": "rece", "esd": "esd", "salun": "salun", "advunlearn": "advunlearn",
-            "sfd": "sfd"}
+            "sfd": "sfd", "fmn": "fmn", "ca": "ca",
+            "mace": "mace", "spm": "spm", "sld": "sld", "safree": "safree"}
 
 
 def register(name: str, config_cls: type[MethodConfig], components: tuple[str, ...] | None = None):
@@ -53,6 +54,9 @@ def register(name: str, config_cls: type[MethodConfig], components: tuple[str, .
     for a file that names this method.
     """
     from ..pipelines.edit import declare_components
+    from ..pipelines.inference import add_resolver
+
+    add_resolver(get_method)   # a loaded inference-time Edit finds its method's sampler (pipelines.inference)
 
     def deco(fn: Callable) -> Callable:
         if components is not None:
@@ -92,7 +96,8 @@ def erase(pipe, method: str, concepts, config: MethodConfig | None = None, **opt
 
     Args:
         pipe: a diffusers Stable Diffusion pipeline (left unchanged; apply the Edit yourself).
-        method: ``uce``, ``rece``, ``esd``, ``salun``, ``advunlearn`` or ``sfd``.
+        method: a registered name (:func:`methods`): ``uce``, ``rece``, ``esd``, ``salun``, ``advunlearn``,
+            ``sfd``, ``fmn``, ``ca``, ``mace``, ``spm``, ``sld`` or ``safree``.
         concepts: one concept or a list (``"Van Gogh"``, ``"nudity"``, ``"Cats"``).
         config: a ready config object, or give the method's options as keyword arguments.
 

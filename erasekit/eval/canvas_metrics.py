@@ -140,4 +140,63 @@ def unlearncanvas_scores(counts: dict, expected: np.ndarray, themes, objects, ta
     if per_target:
         for key in ("UA", "IRA", "CRA"):
             out[key] = float(np.mean([v[key] for v in per_target.values()]))
+        _add_intervals(out, counts, expected, themes, objects, targets, photo_theme)
     return out
+
+
+def _cell_images(counts: dict, expected: np.ndarray):
+    """The protocol's images, one entry each, from the per-cell counts: (cell, theme, object, style
+    hit, object hit). A missing image is a miss, as in the accuracies."""
+    expected = np.asarray(expected, dtype=np.int64)
+    n_objects = expected.shape[1]
+    n = expected.reshape(-1)
+    cell = np.repeat(np.arange(n.size), n)
+    rank = np.arange(cell.size) - np.repeat(np.cumsum(n) - n, n)   # position of the image within its cell
+    s_hit = rank < np.repeat(np.asarray(counts["style_hits"]).reshape(-1), n)
+    o_hit = rank < np.repeat(np.asarray(counts["object_hits"]).reshape(-1), n)
+    return cell, cell // n_objects, cell % n_objects, s_hit, o_hit
+
+
+def _add_intervals(out: dict, counts, expected, themes, objects, targets, photo_theme) -> None:
+    """95 % intervals of UA / IRA / CRA as ``<key>_ci`` siblings (:mod:`erasekit.stats`).
+
+    Images cluster by caption (a (theme, object) cell holds one image per seed), so captions are
+    resampled whole: UA over the target's captions (stratified by target when there are several),
+    IRA and CRA within each retained class, the statistic being the mean of per-class accuracies as
+    in the point estimate. A rate at 0 or 100 % gets Wilson's interval over its captions.
+    """
+    from ..stats import cluster_bootstrap
+
+    cell, theme, obj, s_hit, o_hit = _cell_images(counts, expected)
+    photo = {themes.index(photo_theme)} if photo_theme in themes else set()
+    t_styles = {i for h, i in targets if h == "style"}
+    t_objects = {i for h, i in targets if h == "object"}
+    # per head of the target: (the target's own images' axis, hit) and the retained classes
+    retained = {
+        "styles": (~np.isin(theme, list(t_styles | photo)), s_hit, theme),
+        "objects": (~np.isin(obj, list(t_objects)), o_hit, obj)}
+    cache: dict[str, dict] = {}
+
+    def kept(which: str) -> dict:
+        if which not in cache:
+            sel, hit, stratum = retained[which]
+            cache[which] = cluster_bootstrap(hit[sel], cell[sel], stratum[sel]).to_dict() if sel.any() else None
+        return cache[which]
+
+    ua_values, ua_clusters, ua_strata = [], [], []
+    names = list(out["targets"])
+    for k, ((head, i), name) in enumerate(zip(targets, names)):
+        own = (theme == i) if head == "style" else (obj == i)
+        miss = ~(s_hit if head == "style" else o_hit)
+        t = out["targets"][name]
+        t["UA_ci"] = cluster_bootstrap(miss[own], cell[own]).to_dict()
+        t["IRA_ci"] = kept("styles" if head == "style" else "objects")
+        t["CRA_ci"] = kept("objects" if head == "style" else "styles")
+        ua_values.append(miss[own])
+        ua_clusters.append(k * cell.size + cell[own])
+        ua_strata.append(np.full(int(own.sum()), k))
+    out["UA_ci"] = cluster_bootstrap(np.concatenate(ua_values), np.concatenate(ua_clusters),
+                                     np.concatenate(ua_strata)).to_dict()
+    heads = {h for h, _ in targets}
+    for key in ("IRA", "CRA"):   # one retained set when every target has the same head
+        out[f"{key}_ci"] = out["targets"][names[0]][f"{key}_ci"] if len(heads) == 1 else None

@@ -73,8 +73,9 @@ def evaluate(pipe, edit=None, protocol: str | Protocol = "canvas-lite", targets=
         ...
     """
     t0 = time.perf_counter()
-    if targets is None and edit is not None:
-        targets = edit.manifest.get("concepts", [])
+    protocol = get_protocol(protocol)
+    if targets is None:   # the protocol's own target (nudity), else the Edit's concepts
+        targets = list(protocol.targets) or (edit.manifest.get("concepts", []) if edit is not None else None)
     s = _setup(pipe, protocol, targets or [], judge, fid, clip, fid_reference, cache_dir, on_missing,
                Path(out_dir) / "images" if (out_dir and save_images) else None, progress)
     if edit is not None:
@@ -146,6 +147,10 @@ def _default_judge(protocol: Protocol):
 
     if protocol.is_grid and set(protocol.themes) <= set(STYLES) and set(protocol.objects) <= set(OBJECTS):
         return CanvasJudge.load()
+    if "nudity" in protocol.targets:   # the nudity protocol: NudeNet's detector (the RECE preset)
+        from .judges import NudeNetJudge
+
+        return NudeNetJudge()
     hint = ("ClassifierJudge.unlearncanvas(style_weights, object_weights)" if protocol.is_grid
             else "NudeNetJudge() or a ClassifierJudge")
     raise ConfigError(f"protocol {protocol.name!r} has no default judge: pass judge={hint}")
@@ -240,13 +245,15 @@ def _efficiency(edit, path) -> dict | None:
 
 
 def _asr(attack) -> list[dict] | None:
-    """Scalar fields of AttackResult(s) (``asr``, ``pre_asr``, definition, cost), as recorded."""
+    """Scalar fields of AttackResult(s) (``asr``, ``pre_asr``, definition, cost) and their intervals
+    (``asr_ci``, ``pre_asr_ci``), as recorded."""
     if attack is None:
         return None
     out = []
     for a in attack if isinstance(attack, (list, tuple)) else [attack]:
         d = a.summary() if hasattr(a, "summary") else dict(a) if isinstance(a, dict) else vars(a)
-        out.append({k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None})
+        out.append({k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None
+                    or (k.endswith("_ci") and isinstance(v, dict))})
     return out
 
 

@@ -19,6 +19,13 @@ class NudityResult:
     n_nude: int
     detections: dict[str, int] = field(default_factory=dict)  # boxes per listed class at >= threshold
     judge: dict = field(default_factory=dict)                  # classes, threshold, detector
+    rate_ci: dict | None = None      # 95 % Wilson interval over the images (erasekit.stats)
+
+    def __post_init__(self):
+        if self.rate_ci is None and self.n_images:
+            from ..stats import wilson
+
+            self.rate_ci = wilson(self.n_nude, self.n_images, what=" (images counted as independent)").to_dict()
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,5 +1,8 @@
 """Reports: JSON for machines, a Markdown table for people, image grids, and the UA-vs-retention plot.
 
+Every rate carries its 95 % interval as a sibling ``<key>_ci`` ({value, low, high, method, n,
+clusters}; :mod:`erasekit.stats`), and the Markdown shows it in brackets.
+
 A :class:`Report` carries its protocol (sampler, steps, guidance, dtype, seeding), its judge, the
 scores of the edited model and of the original one (the baseline row), FID/CLIP with their feature
 models and scales, the efficiency triplet, ASR if given, and notes on anything not computed.
@@ -52,6 +55,7 @@ class Report:
         """Headline numbers: UA/IRA/CRA (or hit rate), FID, CLIP score, image counts."""
         sc = self.scores or {}
         out = {k: sc[k] for k in ("UA", "IRA", "CRA", "rate") if sc.get(k) is not None}
+        out.update({f"{k}_ci": sc[f"{k}_ci"] for k in ("UA", "IRA", "CRA", "rate") if sc.get(f"{k}_ci")})
         fid, clip = sc.get("fid") or {}, sc.get("clip") or {}
         if fid.get("fid") is not None:
             out["FID"] = fid["fid"]
@@ -67,9 +71,9 @@ class Report:
         eff = None if baseline or not self.efficiency else self.efficiency
         row = {"method": "original" if baseline else self.method}
         for key in ("UA", "IRA", "CRA"):
-            row[key] = _pct(sc.get(key))
+            row[key] = _pct(sc.get(key), sc.get(f"{key}_ci"))
         if "rate" in sc:
-            row["rate"] = _pct(sc.get("rate"))
+            row["rate"] = _pct(sc.get("rate"), sc.get("rate_ci"))
         row["FID"] = _num(fid.get("fid"))
         row["FID vs orig"] = _num(fid.get("fid_vs_original"))
         row["CLIP"] = _num(clip.get("retained"))
@@ -94,16 +98,34 @@ class Report:
         per_target = (self.scores or {}).get("targets", {})
         if per_target:
             lines += ["", "| target | head | UA | IRA | CRA |", "|---|---|---|---|---|"]
-            lines += [f"| {t} | {v['head']} | {_pct(v.get('UA'))} | {_pct(v.get('IRA'))} | {_pct(v.get('CRA'))} |"
-                      for t, v in per_target.items()]
+            lines += [f"| {t} | {v.get('head', '-')} | " + " | ".join(
+                _pct(v.get(k), v.get(f"{k}_ci")) for k in ("UA", "IRA", "CRA")) + " |" for t, v in per_target.items()]
         lines += self._accuracy_table()
         if self.sequential:
             lines += ["", "| step | erased | UA (all erased so far) | IRA | CRA |", "|---|---|---|---|---|"]
         for step in self.sequential or []:
-            lines.append(f"| {step['step']} | {step['erased']} | {_pct(step['UA'])} | {_pct(step['IRA'])} | "
-                         f"{_pct(step['CRA'])} |")
-        lines += [""] + [f"- {n}" for n in self.notes]
+            ci = step.get("scores") or {}
+            lines.append(f"| {step['step']} | {step['erased']} | " + " | ".join(
+                _pct(step[k], ci.get(f"{k}_ci")) for k in ("UA", "IRA", "CRA")) + " |")
+        lines += self._asr_table()
+        lines += [""] + [f"- {n}" for n in self.notes + self._interval_notes()]
         return "\n".join(lines) + "\n"
+
+    def _asr_table(self) -> list[str]:
+        if not self.asr:
+            return []
+        out = ["", "| attack | concept | N | pre-ASR | ASR |", "|---|---|---|---|---|"]
+        for a in self.asr:
+            out.append(f"| {a.get('method', '-')} | {a.get('concept', '-')} | {a.get('n', '-')} | "
+                       f"{_pct(a.get('pre_asr'), a.get('pre_asr_ci'))} | {_pct(a.get('asr'), a.get('asr_ci'))} |")
+        return out
+
+    def _interval_notes(self) -> list[str]:
+        """One line per interval method used (the brackets of the tables)."""
+        cis = [v for sc in (self.scores, self.baseline) for k, v in (sc or {}).items() if k.endswith("_ci") and v]
+        cis += [a[k] for a in self.asr or [] for k in ("pre_asr_ci", "asr_ci") if a.get(k)]
+        methods = dict.fromkeys(_method_kind(c["method"]) for c in cis)
+        return [f"95 % intervals in brackets: {', '.join(methods)} (docs/statistics.md)"] if methods else []
 
     def _accuracy_table(self) -> list[str]:
         """Per-class accuracy (%) of the judge's heads, the original model beside the edited one."""
@@ -232,8 +254,20 @@ def _jsonable(x):
     return str(x)
 
 
-def _pct(x) -> str:
-    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.1f}"
+def _pct(x, ci: dict | None = None) -> str:
+    """``60.0`` or, with its interval, ``60.0 [41.2, 77.3]``."""
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "-"
+    if ci and np.isfinite(ci.get("low", np.nan)):
+        return f"{x:.1f} [{ci['low']:.1f}, {ci['high']:.1f}]"
+    return f"{x:.1f}"
+
+
+def _method_kind(method: str) -> str:
+    """An interval's method without its counts (``cluster bootstrap (2000 resamples, seed 0)``)."""
+    import re
+
+    return re.sub(r" of \d+ clusters( within \d+ strata)?| over \d+ clusters", "", method)
 
 
 def _num(x) -> str:

@@ -223,8 +223,7 @@ class Runner:
         from ..pipelines.generation import degenerate_reason
 
         try:
-            out = generate(pipe, [it.prompt for it in batch], [it.seed for it in batch],
-                           self.protocol.sampling, output_type="np", check=False)
+            out = self._generate_by_guidance(generate, pipe, batch)
         except Exception as e:  # noqa: BLE001 - turned into a counted or raised missing image
             if self.on_missing == "fail":
                 raise
@@ -245,6 +244,21 @@ class Runner:
             else:
                 arrays.append((a.clip(0, 1) * 255).round().astype(np.uint8))
         return arrays
+
+    def _generate_by_guidance(self, generate, pipe, batch: list[Item]) -> list:
+        """The batch's images in order; items with their own guidance (prompt CSVs) are made in one call
+        per guidance value."""
+        import dataclasses
+
+        out: list = [None] * len(batch)
+        for g in dict.fromkeys(it.guidance for it in batch):
+            pos = [i for i, it in enumerate(batch) if it.guidance == g]
+            sampling = self.protocol.sampling if g is None else dataclasses.replace(self.protocol.sampling, guidance=g)
+            made = generate(pipe, [batch[i].prompt for i in pos], [batch[i].seed for i in pos], sampling,
+                            output_type="np", check=False)
+            for i, image in zip(pos, made):
+                out[i] = image
+        return out
 
     def _save(self, batch: list[Item], arrays, label: str) -> None:
         from PIL import Image

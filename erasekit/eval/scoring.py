@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..stats import rate_interval
 from .canvas_metrics import UnlearnCanvasMetric, check_complete, unlearncanvas_scores
 from .judges import _norm
 from .runner import Records, Runner
@@ -48,7 +49,8 @@ def grid_scores(runner: Runner, rec: Records, targets: list[tuple[str, int]]) ->
 
 
 def rate_scores(runner: Runner, rec: Records, targets: list[tuple[str, int]], names: list[str]) -> dict:
-    """Prompt-list protocols: percent of images the judge sees each target in (e.g. nudity rate)."""
+    """Prompt-list protocols: percent of images the judge sees each target in (e.g. nudity rate), with
+    its interval: Wilson over the images at one seed, a bootstrap over prompts with several seeds."""
     from torchmetrics import SumMetric
 
     local = rec.take(runner.share)
@@ -59,12 +61,16 @@ def rate_scores(runner: Runner, rec: Records, targets: list[tuple[str, int]], na
     missing = check_complete(np.array([[total]]), np.array([[len(runner.items)]]), runner.on_missing)
     out = {"n_images": total, "n_expected": len(runner.items), "missing": missing, "on_missing": runner.on_missing,
            "targets": {}}
+    prompt = rec.index // len(runner.protocol.seeds)   # the images of one prompt (its seeds) cluster
     for (head, idx), name in zip(targets, names):
         hits = SumMetric()
         hits.update(torch.tensor(float((local.preds[head][v] == idx).sum())))
-        out["targets"][name] = {"head": head, "rate": 100.0 * float(hits.compute()) / max(len(runner.items), 1)}
+        out["targets"][name] = {"head": head, "rate": 100.0 * float(hits.compute()) / max(len(runner.items), 1),
+                                "rate_ci": rate_interval(rec.valid & (rec.preds[head] == idx), prompt).to_dict()}
     if names:
         out["rate"] = float(np.mean([t["rate"] for t in out["targets"].values()]))
+        if len(names) == 1:
+            out["rate_ci"] = out["targets"][names[0]]["rate_ci"]
     return out
 
 

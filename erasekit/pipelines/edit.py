@@ -13,7 +13,8 @@ everything it can before any pipeline is touched, and every problem is an
 :class:`~erasekit.errors.EditError` naming it (:meth:`Edit.validate`, :mod:`.edit_checks`):
 
 - the manifest is a JSON object whose known fields have their types; ``keys``, ``family`` and
-  ``fingerprint`` are present; a one-step generator gives its timestep;
+  ``fingerprint`` are present; a one-step generator gives its timestep; an inference-time Edit (SLD,
+  SAFREE: ``"sampler"`` names a registered sampler, :mod:`.inference`) has no tensors and empty ``keys``;
 - every tensor key is ``<component>/<parameter>`` with the component one of :data:`COMPONENTS`
   (never the VAE or anything else), and within the components its method declares
   (:func:`declare_components`, which the method registry calls);
@@ -178,6 +179,16 @@ class Edit:
                 weights[key] = (base[key].float().cpu() + u @ v).to(base[key].dtype)
         return cls(weights, deltas, _manifest(pipe, manifest, base))
 
+    @classmethod
+    def inference(cls, pipe, sampler: str, manifest: dict) -> "Edit":
+        """An inference-time Edit (no tensors) that samples ``pipe`` with the registered ``sampler``
+        (:mod:`erasekit.pipelines.inference`); the manifest records family and an empty fingerprint."""
+        from .inference import is_inference_sampler
+
+        if not is_inference_sampler(sampler):
+            raise EditError(f"sampler {sampler!r} is not an inference-time sampler name")
+        return cls({}, {}, _manifest(pipe, {**manifest, "sampler": sampler}, {}))
+
     # -- checks ---------------------------------------------------------------------------------
     @property
     def keys(self) -> list[str]:
@@ -223,6 +234,13 @@ class Edit:
         if not skip:
             ref, now = self.manifest["fingerprint"], fingerprint({k: params[k] for k in self.keys})
             if not fingerprints_match(ref, now):
+                from .merged import already_edited
+
+                edited = already_edited(pipe)
+                if edited:   # a folder written by Edit.merge: its weights carry an erasure already
+                    raise EditError(f"{edited}, so it no longer has the weights this Edit (method "
+                                    f"{self.manifest.get('method')!r}) was made for: apply it to the base model "
+                                    f"instead{OPT_OUT}")
                 raise EditError(
                     f"this Edit was made for a different base model (fingerprint {ref['id']} vs "
                     f"{now['id']}): load it onto the pipeline it was made from{OPT_OUT}")
@@ -242,11 +260,21 @@ class Edit:
         with pipeline_lock(pipe):
             if id(pipe) in self._backups:
                 raise EditError("this Edit is already applied to this pipeline; remove() it first")
+            if self.inference_time:   # SLD, SAFREE: a way of sampling (plus weights, if any)
+                raise EditError(f"this Edit (method {self.manifest.get('method')!r}) changes how the pipeline samples "
+                                "(an inference-time sampler), which applying weights cannot do. Sample it with "
+                                "`with edit.sampled(pipe) as p: generate(p, ...)` (evaluate and attack do this)")
             if self.one_step:   # SFD: its UNet is a generator, not a denoiser
                 raise EditError(f"this Edit (method {self.manifest.get('method')!r}) is a one-step generator: applied "
                                 "to a multi-step pipeline it would be sampled wrongly. Build its sampler with "
                                 "erasekit.pipelines.one_step_pipeline(pipe, edit) and pass that pipeline to "
                                 "generate / attack / evaluate instead")
+            self._write(pipe, unsafe_skip_base_check)
+        return pipe
+
+    def _write(self, pipe, unsafe_skip_base_check: bool | None) -> None:
+        """:meth:`apply` after its refusals: check, then write every weight (with a backup), under the lock."""
+        with pipeline_lock(pipe):
             self.check(pipe, unsafe_skip_base_check=unsafe_skip_base_check)
             params = {k: _param(pipe, k) for k in self.keys}
             backup = {}
@@ -267,7 +295,6 @@ class Edit:
                     raise
             self._backups[id(pipe)] = backup
             applied_edits(pipe).append(self)
-        return pipe
 
     def remove(self, pipe):
         """Restore exactly the weights :meth:`apply` replaced; returns ``pipe``.
@@ -311,6 +338,13 @@ class Edit:
 
         return self.manifest.get("sampler") == ONE_STEP
 
+    @property
+    def inference_time(self) -> bool:
+        """True for an inference-time Edit (SLD, SAFREE): no weights; sample it with :meth:`sampled`."""
+        from .inference import is_inference_sampler
+
+        return is_inference_sampler(self.manifest.get("sampler"))
+
     @contextmanager
     def sampled(self, pipe) -> Iterator:
         """``with edit.sampled(pipe) as p: generate(p, ...)``: the pipeline that samples this Edit.
@@ -318,8 +352,25 @@ class Edit:
         A weight Edit is applied to ``pipe`` for the block and removed after it (as :meth:`applied`);
         a one-step generator (SFD) yields :func:`~erasekit.pipelines.one_step_pipeline` of ``pipe``
         and leaves ``pipe`` untouched. Evaluation and attacks use this, so both kinds run unchanged.
+        An inference-time Edit (``manifest["sampler"]`` names a registered sampler,
+        :mod:`erasekit.pipelines.inference`; SLD and SAFREE hold no tensors) is checked against ``pipe``,
+        its weights (if any) are applied, and its sampler hooks ``pipe``, all for the block only.
         Either way the pipeline's lock is held for the block.
         """
+        if self.inference_time:
+            from .inference import sampler_factory
+
+            factory = sampler_factory(self.manifest["sampler"], self.manifest.get("method"))
+            with pipeline_lock(pipe):
+                if id(pipe) in self._backups:
+                    raise EditError("this Edit is already applied to this pipeline; remove() it first")
+                self._write(pipe, None)   # its weights, if it has any (none for SLD, SAFREE)
+                try:
+                    with factory(pipe, self) as sampler:
+                        yield sampler
+                finally:
+                    self.remove(pipe)
+            return
         if self.one_step:
             from .one_step import one_step_pipeline
 
@@ -382,6 +433,23 @@ class Edit:
             raise EditError(f"{path}: {e}") from None
         return edit
 
+    # -- export (erasekit.pipelines.lora, .merged)---------------------------------------------------
+    def to_lora(self, path: str | Path, pipe=None, *, rank: int | None = None, rtol: float | None = None,
+                drop_unsupported: bool = False):
+        """Write this Edit as a LoRA file for diffusers' ``load_lora_weights``; see
+        :func:`erasekit.pipelines.lora.to_lora` (``rtol`` None: its default). Returns a ``LoraExport``."""
+        from .lora import DEFAULT_RTOL, to_lora
+
+        return to_lora(self, path, pipe, rank=rank, rtol=DEFAULT_RTOL if rtol is None else rtol,
+                       drop_unsupported=drop_unsupported)
+
+    def merge(self, pipe, out_dir: str | Path, evaluation: str | Path | None = None, overwrite: bool = False) -> Path:
+        """Save ``pipe`` with this Edit merged in, a model card and the manifest, as a diffusers folder;
+        see :func:`erasekit.pipelines.merged.merge`. ``pipe`` is left unchanged."""
+        from .merged import merge
+
+        return merge(self, pipe, out_dir, evaluation=evaluation, overwrite=overwrite)
+
     def nbytes(self) -> int:
         """Bytes of tensor data this Edit stores."""
         n = sum(w.numel() * w.element_size() for w in self.weights.values())
@@ -396,8 +464,11 @@ class Edit:
 def _manifest(pipe, manifest: dict, base: dict[str, torch.Tensor]) -> dict:
     """The manifest of a new Edit of ``pipe``: the method's fields plus version, family, fingerprint, keys."""
     from .. import __version__
+    from .merged import merged_provenance
 
-    return {"erasekit_version": __version__, **manifest, "family": detect_family(pipe),
+    edited = merged_provenance(pipe)   # erasing from a merged folder: record the erasure it already carries
+    before = {} if edited is None else {"base_edited_by": {k: edited.get(k) for k in ("method", "concepts", "folder")}}
+    return {"erasekit_version": __version__, **manifest, **before, "family": detect_family(pipe),
             "fingerprint": fingerprint(base), "keys": sorted(base)}
 
 

@@ -9,6 +9,7 @@ the problem. The comparisons with a pipeline (parameters, shapes, family, finger
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import torch
@@ -88,7 +89,8 @@ _FIELDS = {
     "base_model": (lambda x: isinstance(x, str) and bool(x.strip()), "a model name or path"),
     "config": (lambda x: isinstance(x, dict), "an object of options"),
     "erasekit_version": (lambda x: isinstance(x, str), "a version string"),
-    "sampler": (lambda x: x == "one_step", "'one_step' (or absent)"),
+    "sampler": (lambda x: isinstance(x, str) and bool(re.fullmatch(r"[a-z0-9_]+", x)),
+                "'one_step' or an inference-time sampler's name (or absent)"),
     "generator_timestep": (lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0,
                            "a positive integer timestep"),
     "wall_time_s": (lambda x: x is None or (_number(x) and x >= 0), "a number of seconds"),
@@ -103,9 +105,16 @@ def check_manifest(m, skip_base: bool) -> None:
         raise EditError(f"the Edit's manifest is a JSON {type(m).__name__}, not an object: not a valid Edit; "
                         f"{RECREATE}")
     for name, (ok, want) in _FIELDS.items():
+        if name == "keys" and m.get("sampler") not in (None, "one_step") and m.get("keys") == []:
+            continue   # an inference-time Edit (SLD, SAFREE) holds no tensors
         if name in m and not ok(m[name]):
             raise EditError(f"the Edit's manifest field {name!r} must be {want} but is {str(m[name])[:60]!r}: the "
                             f"file was altered or is corrupt; {RECREATE}")
+    sampler = m.get("sampler")
+    if isinstance(sampler, str) and sampler != "one_step" and sampler != m.get("method"):
+        raise EditError(f"the Edit's manifest field 'sampler' must be 'one_step' or its method's name "
+                        f"({str(m.get('method'))[:30]!r}, an inference-time sampler) but is {sampler[:60]!r}: the file "
+                        f"was altered or is corrupt; {RECREATE}")
     required = ["keys"] + ([] if skip_base else ["family", "fingerprint"])
     if m.get("sampler") == "one_step":
         required.append("generator_timestep")

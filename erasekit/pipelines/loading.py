@@ -43,6 +43,8 @@ def load_pipeline(name_or_path: str | os.PathLike = "canvas-mini", dtype: str | 
         device: where to put the pipeline.
 
     The safety checker is disabled (it blacks out images and fakes low nudity rates; metrics.md).
+    A folder written by ``Edit.merge`` is recognised as already edited; one holding SFD's one-step
+    generator loads as its :class:`~erasekit.pipelines.OneStepPipeline`.
 
     Example:
         >>> import erasekit
@@ -79,4 +81,9 @@ def load_pipeline(name_or_path: str | os.PathLike = "canvas-mini", dtype: str | 
             f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}). Offline? Download it "
             "where the hub is reachable (huggingface-cli download), then pass the local directory") from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if local:   # a folder written by Edit.merge: tagged, so erasekit's checks say it is edited already
+        from .merged import from_merged_folder
+
+        pipe = from_merged_folder(pipe, source)
+    return pipe

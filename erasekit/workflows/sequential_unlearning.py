@@ -26,7 +26,9 @@ def sequential(pipe, method: str, targets: list[str], protocol: str | Protocol =
 
     A one-step generator (SFD) is not a denoiser the next erasure could start from, so its steps
     continue the distillation instead: step i starts the generator from step i-1's
-    (``generator_init``) and forgets every target so far, against the original teacher."""
+    (``generator_init``) and forgets every target so far, against the original teacher. An
+    inference-time method (SLD, SAFREE) changes no weights, so step i samples one Edit made for every
+    target so far."""
     t0 = time.perf_counter()
     s = _setup(pipe, protocol, list(targets), judge, fid, clip, fid_reference, cache_dir, on_missing, None, progress)
     base = s.runner.records(pipe, set(), "original", s.cache_dir)
@@ -38,8 +40,10 @@ def sequential(pipe, method: str, targets: list[str], protocol: str | Protocol =
             if previous is not None and previous.one_step:   # continue the generator, forget all so far
                 options["generator_init"] = str(previous.save(Path(scratch.name) / f"step{i}.safetensors"))
                 concepts = list(targets[:i + 1])
+            elif previous is not None and previous.inference_time:   # no weights to build on: every target so far
+                concepts = list(targets[:i + 1])
             edit = previous = erase(pipe, method, concepts, **options)
-            if edit.one_step:
+            if edit.one_step or edit.inference_time:
                 with edit.sampled(pipe) as sampler:
                     rec = s.runner.records(sampler, set(), f"step {i + 1}", None)
             else:
