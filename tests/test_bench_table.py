@@ -114,6 +114,9 @@ def test_committed_cells_ran_the_current_defaults(committed):
     assert not stale, f"results measured with other defaults: {stale}; rerun bench_table.py --methods <method>"
 
 
+# About 90 s on 2 cores (an erasure, a canvas-lite evaluation and an attack): in the slow suite, so the default
+# suite stays under 10 minutes; the tests above check the table and figures against the committed results.
+@pytest.mark.slow
 def test_a_committed_cell_is_reproduced(bench, committed, tmp_path):
     name = "cell/uce/Van_Gogh"
     want = committed["jobs"][name]
