@@ -11,6 +11,8 @@ from erasekit.erase.fmn import FMNConfig, attention_recorder
 from erasekit.errors import ConfigError
 from erasekit.pipelines import FamilyAdapter
 
+from _canvas_helpers import style_hits
+
 FAST = dict(steps=3, images_per_prompt=1, batch_size=1, data_steps=2, progress=False)
 
 
@@ -113,17 +115,8 @@ def test_bad_options_are_refused(bad):
 
 
 def test_fmn_erases_a_canvas_style_and_keeps_the_others(canvas_pipe, canvas_judge):
-    from erasekit.canvas.world import OBJECTS, caption
-    from erasekit.pipelines import Sampling, generate
-
-    styles = ("Van_Gogh", "Pop_Art", "Winter")
-    prompts = [caption(o, s) for s in styles for o in OBJECTS[:5]]
-    seeds = list(range(len(prompts)))
-    sampling = Sampling(steps=10)
     edit = erasekit.erase(canvas_pipe, "fmn", ["Van_Gogh"], progress=False)
     with edit.applied(canvas_pipe):
-        got = canvas_judge.classify(generate(canvas_pipe, prompts, seeds, sampling))["style"]
-    truth = [canvas_judge.find(s)[1] for s in styles for _ in range(5)]
-    hit = [g == y for g, y in zip(got, truth)]
+        hit = style_hits(canvas_pipe, canvas_judge, ("Van_Gogh", "Pop_Art", "Winter"))
     assert sum(hit[:5]) <= 1    # UA >= 80 % (the base model draws all 15 in their styles)
     assert sum(hit[5:]) >= 8    # IRA >= 80 % on the other styles
