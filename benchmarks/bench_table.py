@@ -2,6 +2,7 @@
 
     python benchmarks/bench_table.py                       # everything: 2 worker processes, resumable
     python benchmarks/bench_table.py --methods uce rece    # some methods (and the original row)
+    python benchmarks/bench_table.py --attacks ring_a_bell p4d concept_inversion   # + the attack matrix
     python benchmarks/bench_table.py --render              # rebuild table.md / table.json from finished jobs
     python benchmarks/bench_table.py --docs                # the page's table and docs/figures/ from cpu.json
     python benchmarks/bench_table.py --preset canvas --out benchmarks/results/table-canvas   # the canvas rerun
@@ -19,6 +20,9 @@ soon as it finishes; a rerun skips finished jobs, and long erasures resume from 
   features, FID against held-out renders of the non-target cells), and attack with UnlearnDiffAtk
   (its default configuration) on the target's captions for the first 5 objects (or styles) at seed
   0, target images from the original model. ASR includes pre-ASR (UnlearnDiffAtk's definition).
+- ``attacks/<method>/<target>`` (with ``--attacks``): Ring-A-Bell, P4D-K and concept inversion
+  (:data:`ATTACKS`, budgets in :data:`ATTACK_BUDGETS`) on the cell's Edit (loaded from ``OUT/edits/``, or made again the same way when
+  the cell ran in another folder), on the same prompts and seeds as the cell's UnlearnDiffAtk.
 - ``sequential/<method>``: the 5 styles of ``SEQUENCE`` erased one after another
   (:func:`erasekit.workflows.sequential`), scored after each step.
 - ``ratio/closed_form`` (UCE / RECE edit time on the SD 1.4 architecture, random weights) and
@@ -52,7 +56,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMAT = "erasekit.bench-table/1"
-METHODS = ("uce", "rece", "esd", "salun", "advunlearn", "sfd")
+METHODS = ("uce", "rece", "esd", "salun", "advunlearn", "sfd", "mace", "ca", "fmn", "spm", "sld", "safree")
 STYLES = ("Van_Gogh", "Pop_Art", "Ukiyoe", "Cubism")
 OBJECTS = ("Flowers", "Cats", "Towers", "Fishes")
 SEQUENCE = ("Van_Gogh", "Pop_Art", "Ukiyoe", "Cubism", "Watercolor")
@@ -73,16 +77,26 @@ FIGURES = ROOT / "docs" / "figures"
 SFD_STAGE1 = {"iterations": 400, "forget_batch_size": 0, "distill_iterations": 0}
 SFD_OPTIONS = {"iterations": 200}
 # rough CPU seconds of each job on one core, only to order the work (longest first)
-COST = {"uce": 90, "rece": 110, "esd": 250, "salun": 190, "advunlearn": 320, "sfd": 360}
+# the other attacks, each run on every cell's Edit (job ``attacks/<method>/<target>``), on the cell's
+# attacked prompts and seeds; budgets cut from the papers' (P4D 3,000 steps, concept inversion 5,000) to
+# the ones measured on canvas-mini in docs/methods/p4d.md and concept_inversion.md
+ATTACKS = ("ring_a_bell", "p4d", "concept_inversion")
+ATTACK_BUDGETS = {"ring_a_bell": {}, "p4d": {"steps": 200, "eval_every": 50},
+                  "concept_inversion": {"steps": 100, "eval_every": 25}}
+ATTACK_NAMES = {"unlearndiffatk": "UnlearnDiffAtk", "ring_a_bell": "Ring-A-Bell", "p4d": "P4D-K",
+                "concept_inversion": "concept inversion"}
+COST = {"uce": 90, "rece": 110, "esd": 250, "salun": 190, "advunlearn": 320, "sfd": 360, "mace": 150, "ca": 250,
+        "fmn": 120, "spm": 200, "sld": 200, "safree": 150}
 
 
 # -- jobs -------------------------------------------------------------------------------------------
 def jobs(methods, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, sfd_stage1=None, sfd=None,
-         settings: dict | None = None) -> dict[str, dict]:
+         settings: dict | None = None, attacks=()) -> dict[str, dict]:
     """Every job of the benchmark: name -> {kind, needs (jobs that must finish first), cost, settings, ...}.
 
     ``settings``: protocol and attack sizes (a :data:`PRESETS` entry; default ``lite``), carried by
-    every job that evaluates or attacks and recorded in its result."""
+    every job that evaluates or attacks and recorded in its result. ``attacks``: the attacks run on
+    every cell's Edit besides UnlearnDiffAtk (some of :data:`ATTACKS`; none by default)."""
     sfd_stage1, sfd = {**SFD_STAGE1, **(sfd_stage1 or {})}, {**SFD_OPTIONS, **(sfd or {})}
     settings = {**PRESETS["lite"], **(settings or {})}
     out = {"original": {"kind": "original", "targets": [*styles, *objects], "needs": [], "cost": 60,
@@ -94,6 +108,11 @@ def jobs(methods, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, sfd_stage1=
         for t in [*styles, *objects]:
             out[f"cell/{m}/{t}"] = {"kind": "cell", "method": m, "target": t, "cost": COST[m], "settings": settings,
                                     **extra}
+            if attacks:
+                out[f"attacks/{m}/{t}"] = {"kind": "attacks", "method": m, "target": t, "cost": 150,
+                                           "settings": settings, "attacks": list(attacks),
+                                           "budgets": {a: ATTACK_BUDGETS.get(a, {}) for a in attacks},
+                                           **extra, "needs": [*extra["needs"], f"cell/{m}/{t}"]}
         if sequence:
             out[f"sequential/{m}"] = {"kind": "sequential", "method": m, "sequence": list(sequence),
                                       "cost": len(sequence) * COST[m], "settings": settings, **extra}
@@ -158,9 +177,11 @@ def _scores(report, target: str | None) -> dict:
     return row
 
 
-def _attack_row(pipe, judge, target, edit, method="unlearndiffatk", settings: dict | None = None) -> dict:
-    """The attack on the target's captions at each prefix length k of ``settings``: the first k's
-    ASR is the table's; every k keeps its per-prompt outcomes (success, pre-success, cost at success)."""
+def _attack_row(pipe, judge, target, edit, method="unlearndiffatk", settings: dict | None = None,
+                options: dict | None = None) -> dict:
+    """The attack on the target's captions at each prefix length k of ``settings`` (UnlearnDiffAtk;
+    the others run once, with ``options``): the first k's ASR is the table's; every k keeps its
+    per-prompt outcomes (success, pre-success, cost at success in UNet evaluations)."""
     import erasekit
 
     settings = {**PRESETS["lite"], **(settings or {})}
@@ -170,12 +191,14 @@ def _attack_row(pipe, judge, target, edit, method="unlearndiffatk", settings: di
     ks = settings["attack_ks"] if method == "unlearndiffatk" else settings["attack_ks"][:1]
     rows = {}
     for k in ks:
-        options = {"k": k} if method == "unlearndiffatk" else {}
+        kw = {"k": k} if method == "unlearndiffatk" else dict(options or {})
         res = erasekit.attack(pipe, prompts, target, judge=judge, seeds=seeds, edit=edit, method=method,
-                              progress=False, **options)
+                              progress=False, **kw)
         evals = [p.unet_evals for p in res.prompts]
         rows[k] = {"pre_ASR": res.pre_asr, "ASR": res.asr, "attack_config": res.config,
-                   "attack_unet_evals_mean": sum(evals) / len(evals), "attack_wall_s": res.protocol["wall_time_s"],
+                   "attack_unet_evals_mean": sum(evals) / len(evals),
+                   "attack_unet_equiv_mean": sum(p.cost for p in res.prompts) / len(res.prompts),
+                   "attack_wall_s": res.protocol["wall_time_s"],
                    "attack_outcomes": [[int(p.success), int(p.pre_success), p.success_cost] for p in res.prompts]}
     first = rows[ks[0]]
     out = {**first, "attack_prompts": captions, "attack_seeds": list(settings["attack_seeds"])}
@@ -223,13 +246,7 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
                                         **_attack_row(pipe, judge, t, None, "none", spec["settings"])}
             result["protocol"] = rep.protocol
         elif kind == "sfd_stage1":
-            from erasekit.canvas.world import OBJECTS as ALL_OBJECTS, PARAPHRASES, STYLES as ALL_STYLES, caption
-
-            every = [caption(o, s, tpl) for o in ALL_OBJECTS for s in ALL_STYLES for tpl in dict.fromkeys(PARAPHRASES)]
-            options = {**method_options("sfd", out, name, spec["budget"]), "generator_init": None,
-                       "retain_prompts": tuple(every)}   # distil every caption: nothing is forgotten yet
-            _, record = _erase(pipe, "sfd", [ALL_STYLES[0]], options, out / "edits" / "sfd__stage1.safetensors")
-            result = {"options": spec["budget"], **record}
+            result = {"options": spec["budget"], **_sfd_stage1(pipe, out, spec["budget"])}
         elif kind == "cell":
             m, t = spec["method"], spec["target"]
             options = method_options(m, out, name, spec.get("budget"))
@@ -241,6 +258,21 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
                       "settings": spec["settings"],
                       "preset": edit.manifest.get("preset") or edit.manifest.get("resolved"),
                       "edit_config": edit.manifest.get("config")}
+        elif kind == "attacks":
+            m, t = spec["method"], spec["target"]
+            cell = f"cell/{m}/{t}"
+            options = method_options(m, out, cell, spec.get("budget"))
+            path = out / "edits" / f"{m}__{t}.safetensors"
+            remade = not path.exists()   # the cell ran in another folder: the same erasure, made again
+            edit, _ = _erase(pipe, m, [t], options, path)
+            result = {"method": m, "target": t, "settings": spec["settings"], "budgets": spec["budgets"],
+                      "edit_remade": remade, "attacks": {}}
+            for a in spec["attacks"]:
+                row = _attack_row(pipe, judge, t, edit, a, spec["settings"], spec["budgets"].get(a))
+                result["attacks"][a] = {k: row[k] for k in ("pre_ASR", "ASR", "attack_config", "attack_unet_evals_mean",
+                                                            "attack_unet_equiv_mean", "attack_wall_s",
+                                                            "attack_outcomes")}
+            result["attack_prompts"], result["attack_seeds"] = row["attack_prompts"], row["attack_seeds"]
         elif kind == "sequential":
             from erasekit.workflows import sequential
 
@@ -258,6 +290,18 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
             raise ValueError(f"unknown job kind {kind!r}")
     result.update(job=name, wall_s=round(time.perf_counter() - t0, 2), cpu_s=round(time.process_time() - cpu0, 2))
     return result
+
+
+def _sfd_stage1(pipe, out: Path, budget: dict) -> dict:
+    """SFD's stage 1, shared by every SFD job: plain one-step distillation of every caption (no
+    forgetting); made once per results folder (loaded when its Edit exists). Returns its erase record."""
+    from erasekit.canvas.world import OBJECTS as ALL_OBJECTS, PARAPHRASES, STYLES as ALL_STYLES, caption
+
+    every = [caption(o, s, tpl) for o in ALL_OBJECTS for s in ALL_STYLES for tpl in dict.fromkeys(PARAPHRASES)]
+    options = {**method_options("sfd", out, "sfd/stage1", budget), "generator_init": None,
+               "retain_prompts": tuple(every)}   # distil every caption: nothing is forgotten yet
+    _, record = _erase(pipe, "sfd", [ALL_STYLES[0]], options, out / "edits" / "sfd__stage1.safetensors")
+    return record
 
 
 def _public(options: dict) -> dict:
@@ -299,11 +343,16 @@ def _job_path(out: Path, name: str) -> Path:
 
 
 def _finished(out: Path, name: str, spec: dict) -> bool:
-    """A job's result exists and was measured with this run's settings (else it is run again)."""
+    """A job's result exists and was measured with this run's settings and attack budgets (else it is
+    run again)."""
     path = _job_path(out, name)
     if not path.exists():
         return False
-    return "settings" not in spec or json.loads(path.read_text()).get("settings", PRESETS["lite"]) == spec["settings"]
+    if spec["kind"] == "sfd_stage1" and not (out / "edits" / "sfd__stage1.safetensors").exists():
+        return False   # its generator is what the SFD jobs start from: made again in a folder that lacks it
+    done = json.loads(path.read_text())
+    return all(done.get(k, PRESETS["lite"] if k == "settings" else None) == spec[k] for k in ("settings", "budgets")
+               if k in spec)
 
 
 def run_all(out: Path, plan: dict, workers: int, threads: int) -> list[str]:
@@ -500,6 +549,7 @@ def render(doc: dict) -> str:
         if not all(x.get("IRA_ci") for _, s in seq for x in s["steps"]):
             lines += ["", "The sequential run recorded no per-caption counts, so its rates carry no interval; runs "
                       "of this script record them (`UA_ci`, `IRA_ci`, `CRA_ci` per step)."]
+    lines += attack_lines(doc)
     lines += claims_lines(doc)
     lines += _ratio_lines(doc["jobs"])
     return "\n".join(lines) + "\n"
@@ -509,6 +559,75 @@ def _step(step: dict, key: str) -> str:
     """A sequential step's rate, with its interval when the run recorded one: ``80 [60-95]``."""
     ci = step.get(f"{key}_ci")
     return _fmt(step[key], 0) + (f" [{ci['low']:.0f}-{ci['high']:.0f}]" if ci else "")
+
+
+# -- every attack on every method --------------------------------------------------------------------
+def attack_matrix(doc: dict) -> list[dict]:
+    """Per method (every target attacked by every attack): pre-ASR and, per attack, ASR with its Wilson
+    interval over the pooled prompts, the mean UNet evaluations per prompt, and the per-target ASRs."""
+    from erasekit.stats import wilson
+
+    targets = doc["styles"] + doc["objects"]
+    rows = []
+    for m in METHODS:
+        cells = _cells(doc, m)
+        runs = [doc["jobs"].get(f"attacks/{m}/{t}") for t in targets]
+        if cells is None or any(r is None for r in runs):
+            continue
+        per = {"unlearndiffatk": cells}
+        per.update({a: [r["attacks"][a] for r in runs] for a in runs[0]["attacks"]})
+        row = {"method": m, "pre_ASR": _mean([c["pre_ASR"] for c in cells]),
+               "pre_ASR_ci": _asr_interval(cells, "pre_ASR"), "attacks": {}}
+        for a, rs in per.items():
+            counts = [_prompt_counts(c, "ASR") for c in cells] if a == "unlearndiffatk" else \
+                [(sum(o[0] for o in r["attack_outcomes"]), len(r["attack_outcomes"])) for r in rs]
+            k, n = sum(x for x, _ in counts), sum(x for _, x in counts)
+            row["attacks"][a] = {"ASR": _mean([r["ASR"] for r in rs]), "ASR_ci": wilson(k, n).to_dict(),
+                                 "unet_evals": _mean([r["attack_unet_evals_mean"] for r in rs]),
+                                 "per_target": {t: r["ASR"] for t, r in zip(targets, rs)},
+                                 "outcomes": [o[0] for r in rs for o in r.get("attack_outcomes") or []] or None}
+        rows.append(row)
+    return rows
+
+
+def _strongest(row: dict):
+    """The attack with the highest ASR on a method and its paired test against UnlearnDiffAtk (McNemar on
+    the same prompts when both recorded per-prompt outcomes, else a sign-flip test over the targets)."""
+    from erasekit.stats import mcnemar, paired_test
+
+    best = max(row["attacks"], key=lambda a: (row["attacks"][a]["ASR"], a == "unlearndiffatk"))
+    if best == "unlearndiffatk":
+        return best, None
+    a, u = row["attacks"][best], row["attacks"]["unlearndiffatk"]
+    if a["outcomes"] and u["outcomes"] and len(a["outcomes"]) == len(u["outcomes"]):
+        return best, mcnemar(a["outcomes"], u["outcomes"], **BOOTSTRAP)
+    va, vu = list(a["per_target"].values()), list(u["per_target"].values())
+    return best, paired_test([v / 100 for v in va], [v / 100 for v in vu], **BOOTSTRAP)
+
+
+def attack_lines(doc: dict) -> list[str]:
+    rows = attack_matrix(doc)
+    if not rows:
+        return []
+    attacks = list(rows[0]["attacks"])
+    lines = ["", "| method | pre-ASR | " + " | ".join(f"{ATTACK_NAMES.get(a, a)} ASR, UNet evals" for a in attacks)
+             + " | strongest (minus UnlearnDiffAtk, p) |", "|---|---|" + "---|" * len(attacks) + "---|"]
+    for r in rows:
+        best, test = _strongest(r)
+        cells = [f"{_fmt_ci(r['attacks'][a]['ASR'], r['attacks'][a]['ASR_ci'])}, {_fmt(r['attacks'][a]['unet_evals'], 0)}"
+                 for a in attacks]
+        verdict = ATTACK_NAMES.get(best, best) + ("" if test is None else f" ({test.format()})")
+        lines.append(f"| {r['method']} | {_fmt_ci(r['pre_ASR'], r['pre_ASR_ci'])} | " + " | ".join(cells)
+                     + f" | {verdict} |")
+    budgets = "; ".join(f"{ATTACK_NAMES.get(a, a)} {', '.join(f'{k} {v}' for k, v in b.items()) or 'its preset'}"
+                        for a, b in ATTACK_BUDGETS.items() if a in attacks)
+    lines += ["", "Every attack on the same prompts and seeds as UnlearnDiffAtk's column of the table above (the "
+              "cell's attacked captions), on the cell's Edit. ASR includes pre-ASR; 95 % Wilson intervals over the "
+              "pooled prompts of the 8 targets; UNet evals: mean UNet forward passes per prompt (CFG counts two; "
+              "Ring-A-Bell's text-encoder search is not counted). Budgets: " + budgets + ". Strongest: the "
+              "highest ASR, tested against UnlearnDiffAtk on the same prompts (exact McNemar) where both "
+              "recorded per-prompt outcomes, else by a sign-flip test over the targets."]
+    return lines
 
 
 # -- the papers' claims, decided by paired tests -----------------------------------------------------
@@ -732,6 +851,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "table",
                     help="results folder (jobs/, edits/, checkpoints/, cache/, table.json, table.md)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--attacks", nargs="*", default=[], choices=ATTACKS,
+                    help="attacks run on every cell's Edit besides UnlearnDiffAtk (the attack matrix; default none)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes (one job each at a time)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--styles", nargs="*", default=list(STYLES), help="style targets (the benchmark page's table: the default)")
@@ -773,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.time()
         plan = jobs(a.methods, a.styles, a.objects, a.sequence, {"iterations": a.sfd_stage1_iterations},
-                    {"iterations": a.sfd_iterations}, settings)
+                    {"iterations": a.sfd_iterations}, settings, a.attacks)
         failed = run_all(a.out, plan, a.workers, a.threads)
         runs_path = a.out / "runs.json"
         runs = json.loads(runs_path.read_text()) if runs_path.exists() else []

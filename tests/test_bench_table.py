@@ -129,3 +129,46 @@ def test_a_committed_cell_is_reproduced(bench, committed, tmp_path):
     # the Edit file as the table shows it (3 significant figures): the tensors are the same bytes, the
     # manifest in the file's header grows when the toolkit records more about a run
     assert bench._size(got["edit_bytes"]) == bench._size(want["edit_bytes"])
+
+
+def _synthetic_doc(bench, uce_hits: int, p4d_hits: int) -> dict:
+    """Eight targets of one method: UnlearnDiffAtk breaks ``uce_hits`` of each target's 5 prompts, P4D
+    ``p4d_hits``, Ring-A-Bell none; no prompt breaks without attack."""
+    targets = list(bench.STYLES + bench.OBJECTS)
+    settings = bench.PRESETS["lite"]
+
+    def outcomes(hits):
+        return [[int(i < hits), 0, 100 * (i + 1) if i < hits else None] for i in range(5)]
+
+    jobs = {}
+    for t in targets:
+        prompts = bench.attack_prompts(t, 5)
+        jobs[f"cell/uce/{t}"] = {"method": "uce", "target": t, "UA": 100.0, "IRA": 99.0, "CRA": 99.0,
+                                 "pre_ASR": 0.0, "ASR": 20.0 * uce_hits, "attack_unet_evals_mean": 500.0,
+                                 "attack_prompts": prompts, "attack_seeds": [0], "attack_outcomes": outcomes(uce_hits),
+                                 "settings": settings}
+        attacks = {a: {"pre_ASR": 0.0, "ASR": 20.0 * h, "attack_unet_evals_mean": 300.0,
+                       "attack_outcomes": outcomes(h)} for a, h in (("ring_a_bell", 0), ("p4d", p4d_hits))}
+        jobs[f"attacks/uce/{t}"] = {"method": "uce", "target": t, "settings": settings, "attacks": attacks,
+                                    "attack_prompts": prompts, "attack_seeds": [0]}
+    return {"styles": list(bench.STYLES), "objects": list(bench.OBJECTS), "jobs": jobs}
+
+
+def test_attack_matrix_pools_the_prompts_and_tests_the_strongest_against_unlearndiffatk(bench):
+    from erasekit.stats import wilson
+
+    doc = _synthetic_doc(bench, uce_hits=1, p4d_hits=4)
+    [row] = bench.attack_matrix(doc)
+    assert row["attacks"]["p4d"]["ASR"] == 80.0 and row["attacks"]["p4d"]["ASR_ci"] == wilson(32, 40).to_dict()
+    assert row["attacks"]["unlearndiffatk"]["ASR_ci"] == wilson(8, 40).to_dict()
+    assert row["attacks"]["ring_a_bell"]["ASR"] == 0.0
+    best, test = bench._strongest(row)
+    assert best == "p4d" and "McNemar" in test.method and test.p_value < 0.001 and test.estimate > 0.5
+    line = [x for x in bench.attack_lines(doc) if x.startswith("| uce |")][0]
+    assert "80.0 % [" in line and line.endswith("P4D-K (" + test.format() + ") |")
+    # when UnlearnDiffAtk is ahead it is named, with no test against itself
+    assert bench._strongest(bench.attack_matrix(_synthetic_doc(bench, uce_hits=4, p4d_hits=1))[0]) == \
+        ("unlearndiffatk", None)
+    # a method with one target's attacks missing has no row
+    del doc["jobs"]["attacks/uce/Fishes"]
+    assert bench.attack_matrix(doc) == []

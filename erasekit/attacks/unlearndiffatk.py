@@ -33,6 +33,18 @@ Schedules (``schedule``):
 - Options of both: ``restarts`` repeats the blocks from a fresh uniform u and Adam state
   (default 1); ``screen_steps=0`` judges every block with the full sampler.
 
+SD 3 and Flux (flow matching, :mod:`erasekit.pipelines.flow`): the same attack with the model's own
+training loss. ``t`` is drawn as above and mapped to the noise level the pipeline samples at,
+``sigma = shift(t / T)`` (the scheduler's shift, Flux's resolution-dependent one included), and
+
+    E_{t, eps} || v_theta*( (1 - sigma) z_tgt + sigma eps, sigma, tau(c') ) - (eps - z_tgt) ||^2
+
+with ``z_tgt`` the VAE posterior mean of the target image shifted and scaled as the pipeline decodes it
+(at the judged images' size: ``sampling.height``, else the native size). The prefix slots go into the
+CLIP encoders; T5 reads the plain prompt during the optimisation (:mod:`erasekit.pipelines.prefix`), while
+the judged generation runs the decoded prompt through every encoder. A guidance-distilled Flux reads
+``sampling.guidance`` as its guidance embedding, as in the judged generation.
+
 Deviations (all recorded in the result's config): each prompt has its own random stream (seeded
 by attack seed, prompt and image seed), so a prompt's attack does not depend on the batch it ran
 in; prompts are attacked in batches (the reference runs one process per prompt); ``vocabulary =
@@ -153,10 +165,25 @@ def project_simplex(u: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
     return torch.where(feasible, x, (x - mu).clamp_(0, 1))
 
 
-def target_latents(pipe, images) -> torch.Tensor:
-    """z_tgt: VAE posterior mean x scaling factor of the target images, at the model's native size."""
+def flow_model(pipe, sampling):
+    """The :class:`~erasekit.pipelines.flow.FlowModel` of a flow-matching pipeline at the judged images' size
+    and guidance embedding (None for a UNet pipeline)."""
+    from ..pipelines.flow import FlowModel
+    from ..pipelines.mmdit import mmdit_family
+
+    if mmdit_family(pipe) is None:
+        return None
+    distilled = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
+    return FlowModel(pipe, sampling.height, sampling.guidance if distilled else None)
+
+
+def target_latents(pipe, images, fm=None) -> torch.Tensor:
+    """z_tgt: VAE posterior mean x scaling factor of the target images, at the model's native size (flow
+    matching: shifted and scaled as the pipeline decodes, at ``fm``'s size, in the transformer's layout)."""
     from ..pipelines.images import images_to_tensor
 
+    if fm is not None:
+        return fm.encode_images(images_to_tensor(images, fm.size))
     vae = pipe.vae
     scale = getattr(pipe, "vae_scale_factor", 2 ** (len(vae.config.block_out_channels) - 1))
     x = images_to_tensor(images, pipe.unet.config.sample_size * scale)
@@ -173,14 +200,18 @@ def ascending_timestep(block: int, blocks: int, n_train: int) -> int:
 class _BatchAttack:
     """The optimisation state of one batch of prompts (u, Adam, per-prompt random streams)."""
 
-    def __init__(self, pipe, pp: PrefixPrompts, z0, rows: list[PromptAttack], vocab, config, plan):
-        self.pipe, self.pp, self.rows, self.config, self.plan = pipe, pp, rows, config, plan
-        dev = pipe.unet.device
+    def __init__(self, pipe, pp: PrefixPrompts, z0, rows: list[PromptAttack], vocab, config, plan, fm=None):
+        from ..pipelines.mmdit import denoiser
+
+        self.pipe, self.pp, self.rows, self.config, self.plan, self.fm = pipe, pp, rows, config, plan, fm
+        dev = denoiser(pipe).device
         self.vocab, self.z0 = vocab.to(dev), z0.to(dev)
         self.u = torch.full((len(rows), config.k, len(vocab)), 1.0 / len(vocab), device=dev, requires_grad=True)
         self.opt = torch.optim.Adam([self.u], lr=plan["lr"], weight_decay=config.weight_decay)
         self.gens = [prompt_generator(config.seed, r.prompt, r.seed) for r in rows]
-        self.abar = pipe.scheduler.alphas_cumprod.to(dev, torch.float32)
+        # DDPM: the cumulative alphas; flow matching: only the number of training timesteps T is used (t / T)
+        self.abar = pipe.scheduler.alphas_cumprod.to(dev, torch.float32) if fm is None else None
+        self.n_train = len(self.abar) if fm is None else fm.n_train
         self.active = list(range(len(rows)))
         self.sub = pp
 
@@ -196,10 +227,10 @@ class _BatchAttack:
 
     def timesteps(self, block: int) -> torch.Tensor:
         if self.plan["timesteps"] == "ascending":
-            t = ascending_timestep(block, self.plan["blocks"], len(self.abar))
+            t = ascending_timestep(block, self.plan["blocks"], self.n_train)
             return torch.full((len(self.active),), t, dtype=torch.long)
         lo, hi = self.plan["t_range"]
-        hi = min(hi, len(self.abar))
+        hi = min(hi, self.n_train)
         return torch.cat([torch.randint(lo, hi, (1,), generator=self.gens[i]) for i in self.active])
 
     def sample_onehot(self) -> torch.Tensor:
@@ -218,15 +249,24 @@ class _BatchAttack:
 
     def step(self, block: int) -> None:
         """One straight-through Adam step on every active prompt (steps 1-6)."""
-        unet, act = self.pipe.unet, self.active
+        act = self.active
         s = self.sample_onehot()
         ctx = self.sub.encode(self.sub.embed_onehot(s, self.vocab))
         eps = torch.cat([torch.randn(self.z0[:1].shape, generator=self.gens[i]) for i in act]).to(self.z0.device)
         t = self.timesteps(block).to(self.z0.device)
-        ab = self.abar[t].view(-1, 1, 1, 1)
-        x_t = ab.sqrt() * self.z0[act] + (1 - ab).sqrt() * eps
-        pred = unet(x_t.to(unet.dtype), t, **ctx.unet_kwargs(self.pipe)).sample.float()
-        err = (pred - eps).pow(2) if self.config.criterion == "l2" else (pred - eps).abs()
+        if self.fm is None:
+            unet = self.pipe.unet
+            ab = self.abar[t].view(-1, 1, 1, 1)
+            x_t = ab.sqrt() * self.z0[act] + (1 - ab).sqrt() * eps
+            pred = unet(x_t.to(unet.dtype), t, **ctx.unet_kwargs(self.pipe)).sample.float()
+            target = eps
+        else:   # flow matching (module docstring): v = eps - z_tgt at sigma = shift(t / T)
+            from ..pipelines.flow import noisy, velocity
+
+            sigma = self.fm.shifted(t.float() / self.n_train)
+            pred = self.fm.predict(self.pipe.transformer, noisy(self.z0[act], eps, sigma), sigma, ctx)
+            target = velocity(self.z0[act], eps)
+        err = (pred - target).pow(2) if self.config.criterion == "l2" else (pred - target).abs()
         (grad_s,) = torch.autograd.grad(err.flatten(1).mean(1).sum(), s)  # per-prompt means: prompts independent
         grad = torch.zeros_like(self.u)
         grad[act] = grad_s.clamp(-1, 1).to(grad.dtype)  # hardtanh: dL/du := clip(dL/ds, -1, 1)
@@ -309,11 +349,12 @@ def unlearndiffatk(pipe, prompts, seeds, concepts, *, judge, sampling, config: U
     plan = config.plan()
     pp = PrefixPrompts(pipe, prompts, config.k)
     vocab = attack_vocabulary(pp.adapter.tokenizers, config.vocabulary)
-    z0 = target_latents(pipe, targets)
+    fm = flow_model(pipe, sampling)
+    z0 = target_latents(pipe, targets, fm)
     rows = evaluate_original(pipe, prompts, seeds, judge, concepts, sampling, max(config.batch_size, 64))
     todo = [r.index for r in rows if not r.success]
     batches = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     for part in tqdm(batches, desc="prompt batches", disable=not progress or len(batches) < 2):
-        state = _BatchAttack(pipe, pp.subset(part), z0[part], [rows[i] for i in part], vocab, config, plan)
+        state = _BatchAttack(pipe, pp.subset(part), z0[part], [rows[i] for i in part], vocab, config, plan, fm)
         _run_batch(pipe, state, judge, sampling, progress)
     return rows

@@ -207,6 +207,18 @@ def kv_weights(pipe) -> dict[str, torch.Tensor]:
     return {f"unet/{name}.weight": m.weight.detach() for name, m in cross_attention_kv(pipe.unet).items()}
 
 
+def text_input_weights(pipe) -> dict[str, torch.Tensor]:
+    """The weights that read the text encoder's rows directly (detached, not copied): every cross-attention
+    to_k / to_v of a UNet (:func:`kv_weights`), the ``context_embedder`` of an SD 3 / Flux transformer
+    (the one map of an MMDiT whose closed form is exact, :mod:`erasekit.erase.uce_mmdit`)."""
+    if getattr(pipe, "transformer", None) is not None:
+        from ..pipelines.mmdit import text_projections
+
+        return {"transformer/context_embedder.weight": text_projections(pipe.transformer)["context_embedder"]
+                .weight.detach()}
+    return kv_weights(pipe)
+
+
 def build_edit(pipe, W_ref: dict[str, torch.Tensor], update: RightUpdate, manifest: dict):
     """The :class:`~erasekit.pipelines.Edit` of ``W_new = W_ref @ (I + P Q)`` for every weight in ``W_ref``.
 

@@ -86,7 +86,7 @@ from .checkpoints import (AUTO, CHECKPOINT_NAME, auto_checkpoint_path, cache_dir
                           digest, pipeline_digest, run_scope)
 from .registry import MethodConfig, check
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")   # transformer: SD 3, Flux
 CHECKPOINT_FORMAT = "erasekit.checkpoint/2"
 AUTO_CHECKPOINTS = 10  # checkpoint_every=None saves about this many times per run
 # Options that change how a run is carried out but not what it computes (left out of the signature).
@@ -334,7 +334,8 @@ class Trainer:
         self._require_active()
         comp = next((c for c in COMPONENTS if getattr(self.pipe, c, None) is module), None)
         if comp is None:
-            raise ConfigError("frozen() takes one of the pipeline's components (pipe.unet, pipe.text_encoder, ...)")
+            raise ConfigError("frozen() takes one of the pipeline's components (pipe.unet, pipe.transformer, "
+                              "pipe.text_encoder, ...)")
         with torch.no_grad():
             return torch.func.functional_call(module, self._frozen.get(comp, {}), args, kwargs, strict=False)
 

@@ -51,6 +51,29 @@ preset         steps  lr     ddim_steps  sample_guidance  param_set
 =============  =====  =====  ==========  ===============  ==========================================
 
 Adam without weight decay, batch 1, one concept sampled per iteration; fp32 master weights.
+
+**SD 3 / Flux (flow matching).** These transformers are trained on ``x_s = (1 - s) x0 + s eps``
+(``s`` the sigma in [0, 1]) to predict the velocity ``v = eps - x0`` (:mod:`erasekit.pipelines.flow`).
+The same target holds in velocity space. At fixed ``s``, ``E[x0 | x_s] = (x_s - s eps_hat) / (1 - s)``,
+so the predicted velocity is ``v = (eps_hat - x_s) / (1 - s)``, and ``eps_hat = -s grad log p_s(x_s)``:
+``v = a_s x_s + b_s * score`` with ``a_s = -1 / (1 - s)``, ``b_s = -s / (1 - s)``. ESD's guided score
+``score_u - eta (score_c - score_u)`` (weights ``1 + eta`` and ``-eta``, summing to 1) maps through this
+affine map term by term, the ``a_s x_s`` parts too because the weights sum to 1::
+
+    v_target(x_s, s) = v*(x_s, "", s) - eta [v*(x_s, c, s) - v*(x_s, "", s)]
+    loss = || v_theta(x_s, c, s) - stopgrad(v_target) ||^2
+
+i.e. :func:`esd_target` on velocities. x_s: per iteration ``k ~ U{0..T-1}`` with T = ``ddim_steps``,
+flow-Euler from pure noise over the first k of the pipeline's T sigmas (its ``FlowMatchEulerDiscreteScheduler``
+with its shift; Flux's resolution-dependent ``mu``), conditioned on c as the pipeline samples: SD 3 with
+classifier-free guidance ``sample_guidance``, Flux with one conditional pass (it has no classifier-free
+guidance; ``sample_guidance`` is unused there), then ``s = sigmas[k]``. A guidance-distilled Flux
+(FLUX.1-dev, ``guidance_embeds``) reads ``guidance_embed`` (None: the pipeline's default 3.5) in every
+call, sampling, frozen and trained, so the erasure targets the guidance users generate with.
+``resolution`` (None: the pipeline's native size) sets the image size of x_s on every family.
+Parameter sets on MMDiT (:mod:`~erasekit.erase.param_sets`): ``esd-x`` the joint attention's text-side
+projections (``add_q_proj``, ``add_k_proj``, ``add_v_proj``, ``to_add_out``), ``esd-u`` the transformer
+blocks outside the text side, ``esd-x-strict``, ``full``.
 """
 
 from __future__ import annotations
@@ -84,12 +107,18 @@ class ESDConfig(TrainConfig):
         "help": "esd-x, esd-u, esd-x-strict, full, xattn, noxattn (None: esd-u for nudity, else esd-x)"})
     preset: str = field(default="auto", metadata={"help": "auto, sd, or a provider's (canvas-mini: canvas)"})
     sampler: str = field(default="frozen", metadata={"help": "who samples x_t: frozen (rewrite) or trained (paper)"})
-    ddim_steps: int | None = field(default=None, metadata={"help": "DDIM steps of the x_t schedule"})
+    ddim_steps: int | None = field(default=None, metadata={"help": "steps of the x_t schedule (DDIM; flow Euler "
+                                                                    "on sd3/flux)"})
     sample_guidance: float | None = field(default=None, metadata={"help": "CFG scale when sampling x_t"})
     erase_from: str | list[str] | None = field(default=None, metadata={
         "help": "erase the concept from this broader prompt (or these, one sampled per iteration)"})
     prompts: list[str] | None = field(default=None, metadata={
         "help": "prompts c that carry the concepts (default: the model's prompts of each concept, else itself)"})
+    resolution: int | None = field(default=None, metadata={
+        "help": "image side in pixels of the sampled x_t (None: the model's native size)"})
+    guidance_embed: float | None = field(default=None, metadata={
+        "help": "guidance-distilled Flux (FLUX.1-dev): its guidance embedding in every call (None: the "
+                "pipeline's default, 3.5; other models: must stay None)"})
     prompt_form: str = field(default="attribute", metadata={
         "help": "concepts with model prompts (canvas-mini: captions): attribute (erase the concept's short "
                 "text from each prompt) or caption (the whole prompt)"})
@@ -112,6 +141,8 @@ class ESDConfig(TrainConfig):
         check(self.prompt_form in ("attribute", "caption"),
               f"`prompt_form` must be 'attribute' or 'caption' but is {self.prompt_form!r}")
         check(self.eta >= 0, f"`eta` must be >= 0 (paper convention; the rewrite's value minus 1) but is {self.eta}")
+        check(self.resolution is None or (isinstance(self.resolution, int) and self.resolution > 0),
+              f"`resolution` must be a positive number of pixels or None but is {self.resolution!r}")
 
     def resolved(self, ctx) -> dict:
         """The preset name and every preset-controlled value for the concepts of ``ctx`` on its model."""
@@ -181,7 +212,7 @@ def esd_pairs(concepts: list[str], config: ESDConfig, ctx) -> list[tuple[str, st
     return pairs
 
 
-@register("esd", ESDConfig, components=("unet",))
+@register("esd", ESDConfig, components=("unet", "transformer"), families=("sd1", "sd2", "sdxl", "sd3", "flux"))
 def esd(pipe, concepts: list[str], config: ESDConfig):
     """Erase ``concepts`` with ESD; returns an Edit of the trained parameters (see module docstring)."""
     from ..pipelines import Context, FamilyAdapter
@@ -190,20 +221,31 @@ def esd(pipe, concepts: list[str], config: ESDConfig):
     opts = config.resolved(about)
     pairs = esd_pairs(concepts, config, about)
     texts = list(dict.fromkeys(t for pair in pairs for t in pair if t is not None))
-    ctx = FamilyAdapter(pipe).encode(["", *texts])  # every prompt encoded once
+    adapter = FamilyAdapter(pipe)
+    ctx = adapter.encode(["", *texts])  # every prompt encoded once
     uncond, row = ctx[0:1], {t: 1 + i for i, t in enumerate(texts)}
     # The frozen model is queried with ("", c) or ("", c, c_from); the trained model sees the last one.
     queries = [Context.cat([uncond] + [ctx[row[t]:row[t] + 1] for t in pair if t is not None]) for pair in pairs]
+    manifest = {"resolved": opts, "eta_convention": "paper", "prompt_form": config.prompt_form,
+                "pairs": [{"c": c, "c_from": f} for c, f in pairs],
+                **about.record(opts["preset"], {**opts, "eta": config.eta, "prompt_form": config.prompt_form})}
+    if adapter.mmdit:
+        return _esd_flow(pipe, config, opts, uncond, queries, manifest)
+    if config.guidance_embed is not None:
+        raise ConfigError("`guidance_embed` sets the guidance embedding of guidance-distilled Flux models; "
+                          f"leave it None on this {adapter.family} pipeline")
     unet, sched = pipe.unet, _ddim(pipe, opts["ddim_steps"])
-    shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    side = unet.config.sample_size if config.resolution is None else config.resolution // pipe.vae_scale_factor
+    size = None if config.resolution is None else (config.resolution, config.resolution)
+    shape = (1, unet.config.in_channels, side, side)
 
     with Trainer(pipe, select_params(pipe, opts["param_set"]), config, steps=opts["steps"], lr=opts["lr"]) as tr:
         def predict_frozen(z, t, c):
-            return tr.frozen(unet, z, t, **c.unet_kwargs(pipe)).sample
+            return tr.frozen(unet, z, t, **c.unet_kwargs(pipe, size)).sample
 
         def predict_trained(z, t, c):
             with torch.no_grad():
-                return unet(z, t, **c.unet_kwargs(pipe)).sample
+                return unet(z, t, **c.unet_kwargs(pipe, size)).sample
 
         sampler = predict_frozen if config.sampler == "frozen" else predict_trained
 
@@ -217,11 +259,34 @@ def esd(pipe, concepts: list[str], config: ESDConfig):
             eps = predict_frozen(torch.cat([z] * len(query.embeds)), t, query).float().chunk(len(query.embeds))
             e_0, e_p, e_from = eps[0], eps[1], eps[-1]
             target = esd_target(e_0, e_p, e_from, config.eta)
-            e_n = unet(z, t, **trained_on.unet_kwargs(pipe)).sample
+            e_n = unet(z, t, **trained_on.unet_kwargs(pipe, size)).sample
             return F.mse_loss(e_n.float(), target)
 
-        return tr.fit(loss_fn, manifest={"resolved": opts, "eta_convention": "paper",
-                                         "prompt_form": config.prompt_form,
-                                         "pairs": [{"c": c, "c_from": f} for c, f in pairs],
-                                         **about.record(opts["preset"], {**opts, "eta": config.eta,
-                                                                         "prompt_form": config.prompt_form})})
+        return tr.fit(loss_fn, manifest=manifest)
+
+
+def _esd_flow(pipe, config: ESDConfig, opts: dict, uncond, queries: list, manifest: dict):
+    """ESD on SD 3 / Flux: the same loss on velocities, x_s sampled by flow Euler (module docstring)."""
+    from ..pipelines.flow import FlowModel
+
+    fm = FlowModel(pipe, config.resolution, config.guidance_embed)
+    sigmas, tf = fm.sigmas(opts["ddim_steps"]), pipe.transformer
+    manifest = {**manifest, "flow": {"resolution": fm.size, "guidance_embed": fm.guidance,
+                                     "sigmas": [round(float(s), 6) for s in sigmas]}}
+
+    with Trainer(pipe, select_params(pipe, opts["param_set"]), config, steps=opts["steps"], lr=opts["lr"]) as tr:
+        def frozen(**kw):
+            return tr.frozen(tf, **kw)
+
+        sampler = frozen if config.sampler == "frozen" else tf   # sample_partway runs without grad
+
+        def loss_fn(i: int) -> torch.Tensor:
+            query = queries[int(torch.randint(len(queries), (1,), generator=tr.rng))]
+            trained_on, n = query[-1:], len(query.embeds)
+            k = int(torch.randint(opts["ddim_steps"], (1,), generator=tr.rng))
+            z = fm.sample_partway(sampler, fm.noise(1, tr.rng), sigmas, k, uncond, trained_on, opts["sample_guidance"])
+            v = fm.predict(frozen, torch.cat([z] * n), sigmas[k], query).chunk(n)
+            target = esd_target(v[0], v[1], v[-1], config.eta)
+            return F.mse_loss(fm.predict(tf, z, sigmas[k], trained_on), target)
+
+        return tr.fit(loss_fn, manifest=manifest)

@@ -22,6 +22,28 @@ Text-encoder sets (AdvUnlearn; every text encoder, SDXL's two included; token an
 embeddings never): ``text-encoder-full`` (all transformer layers + final layer norm, the reference's
 ``text_encoder_full``), ``text-encoder-attn`` (self-attention), ``text-encoder-ffn`` (MLP).
 
+MMDiT sets (SD 3 / 3.5, Flux; ``transformer`` parameter names). The text stream has its own
+projections in every joint block's attention (``attn.add_q_proj``, ``add_k_proj``, ``add_v_proj`` read
+it, ``attn.to_add_out`` writes the attention's text output back to it), its own feed-forward
+``ff_context`` and modulation ``norm1_context``; Flux's single-stream blocks process text and image
+tokens with shared weights, so no map there is text-only. The same names as the UNet's select:
+
+=================  =================================================================================
+``esd-x``          every joint block's text-side attention projections ``attn.add_q_proj``,
+                   ``add_k_proj``, ``add_v_proj`` and ``to_add_out`` (weights and biases): where the
+                   prompt enters the joint attention, the counterpart of the UNet's ``attn2``
+``esd-x-strict``   ``attn.add_k_proj`` and ``attn.add_v_proj`` only (the keys and values that image
+                   tokens read, the counterpart of ``attn2.to_k`` / ``to_v``)
+``esd-u``          every ``nn.Linear`` of the transformer blocks (joint and single-stream) outside
+                   the text side (``attn.add_*``, ``to_add_out``, ``ff_context``, ``norm1_context``)
+``full``           the whole transformer (alias ``esd-all``)
+=================  =================================================================================
+
+The context embedder and the pooled-text projection are in no set but ``full`` (UCE edits them in
+closed form). The text-encoder sets take the CLIP encoders only (SD 3: CLIP-L and CLIP-G; Flux:
+CLIP-L); T5 is never trained. The paper-era UNet sets (``xattn``, ``noxattn``, ``selfattn``) have no
+MMDiT counterpart and are refused there.
+
 Other engineers add sets (e.g. text-encoder layers for AdvUnlearn) with::
 
     @register_param_set("text-encoder-attn", "self-attention of the text encoder")
@@ -159,13 +181,84 @@ def _te_ffn(pipe):
     return _text_encoder_params(pipe, "ffn")
 
 
+# -- MMDiT (SD 3, Flux): the transformer's sets, same names (module docstring) ---------------------------
+_MMDIT_SETS: dict[str, tuple[Callable, str]] = {}
+_TEXT_SIDE = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+_TEXT_STREAM = (".ff_context.", ".norm1_context.")
+
+
+def _mmdit_set(name: str, help: str):
+    def deco(fn: Callable) -> Callable:
+        _MMDIT_SETS[name] = (fn, help)
+        return fn
+
+    return deco
+
+
+def _in_blocks(mod_name: str) -> bool:
+    return mod_name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+
+
+@_mmdit_set("esd-x", "text-side projections of every joint attention (add_q/k/v_proj, to_add_out)")
+def _mmdit_x(pipe):
+    return component_params(pipe, "transformer", lambda m, mod, n: isinstance(mod, nn.Linear) and m.endswith(_TEXT_SIDE))
+
+
+@_mmdit_set("esd-x-strict", "text key and value projections of every joint attention (add_k_proj, add_v_proj)")
+def _mmdit_x_strict(pipe):
+    return component_params(pipe, "transformer", lambda m, mod, n: m.endswith(("attn.add_k_proj", "attn.add_v_proj")))
+
+
+def _text_stream(mod_name: str) -> bool:
+    return mod_name.endswith(_TEXT_SIDE) or any(part in f"{mod_name}." for part in _TEXT_STREAM)
+
+
+@_mmdit_set("esd-u", "every Linear of the transformer blocks outside the text side")
+def _mmdit_u(pipe):
+    return component_params(pipe, "transformer", lambda m, mod, n: isinstance(mod, nn.Linear) and _in_blocks(m)
+                            and not _text_stream(m))
+
+
+@_mmdit_set("full", "the whole transformer")
+def _mmdit_full(pipe):
+    return component_params(pipe, "transformer", lambda m, mod, n: True)
+
+
+_MMDIT_SETS["esd-all"] = (_mmdit_full, "the whole transformer (alias of full)")
+
+
+def _clip_text_encoder_params(pipe, part: str) -> dict[str, nn.Parameter]:
+    """The text-encoder set ``part`` over the CLIP encoders of an MMDiT pipeline (T5 is never trained)."""
+    keep = _TEXT_PARTS[part]
+    out = {}
+    for comp in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        enc = getattr(pipe, comp, None)
+        if enc is not None and type(enc).__name__.startswith("CLIPTextModel"):
+            out.update(component_params(pipe, comp, lambda m, mod, n: keep(n)))
+    return dict(sorted(out.items()))
+
+
+for _part, _name in (("full", "text-encoder-full"), ("attn", "text-encoder-attn"), ("ffn", "text-encoder-ffn")):
+    _MMDIT_SETS[_name] = (lambda pipe, _part=_part: _clip_text_encoder_params(pipe, _part), _SETS[_name][1] + " (CLIP only)")
+
+
 def select_params(pipe, name: str) -> dict[str, nn.Parameter]:
-    """The parameters of named set ``name``; clear errors for an unknown or empty set."""
+    """The parameters of named set ``name``; clear errors for an unknown or empty set.
+
+    On an SD 3 / Flux pipeline (one with a ``transformer``) the names select the MMDiT sets.
+    """
     key = str(name).strip().lower()
-    if key not in _SETS:
-        raise ConfigError(f"param_set must be one of {', '.join(sorted(_SETS))} but is {name!r}")
-    params = _SETS[key][0](pipe)
+    if getattr(pipe, "transformer", None) is not None:
+        if key not in _MMDIT_SETS:
+            unet_only = f" ({name!r} is a UNet set)" if key in _SETS else ""
+            raise ConfigError(f"param_set must be one of {', '.join(sorted(_MMDIT_SETS))} on SD 3 / Flux pipelines "
+                              f"but is {name!r}{unet_only}")
+        params, model = _MMDIT_SETS[key][0](pipe), pipe.transformer
+    else:
+        if key not in _SETS:
+            raise ConfigError(f"param_set must be one of {', '.join(sorted(_SETS))} but is {name!r}")
+        params, model = _SETS[key][0](pipe), pipe.unet
     if not params:
-        raise ConfigError(f"param_set {name!r} selects no parameters of this {type(pipe.unet).__name__}; "
+        raise ConfigError(f"param_set {name!r} selects no parameters of this {type(model).__name__}; "
                           "choose a set that exists in this architecture (e.g. 'full')")
     return params

@@ -32,10 +32,11 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError
-from .closed_form import SOLVE_DTYPES, RightUpdate, UCEFitter, build_edit, kv_weights
+from .closed_form import SOLVE_DTYPES, RightUpdate, UCEFitter, text_input_weights
 from .registry import check, register
 from ..presets import concept_context
 from .uce import PromptEncoder, UCEConfig, preserve_prompts, prompt_pairs, resolve, uce_fitter
+from .uce_mmdit import closed_form_edit
 
 # UCE preset -> (lam_r, epochs); closed-form.md section 5. A model's provider may name its own presets'.
 RECE_DEFAULTS = {"nudity": (0.1, 3), "style": (1e-3, 1), "artist": (1e-3, 1), "object": (0.1, 1),
@@ -64,6 +65,8 @@ class RECEConfig(UCEConfig):
               f"`regular_scale` must be > 0 but is {self.regular_scale}")
         check(self.epochs is None or (isinstance(self.epochs, int) and self.epochs >= 0),
               f"`epochs` must be an integer >= 0 but is {self.epochs!r}")
+        check(self.mmdit_option("mmdit_maps") == "context_embedder", "`mmdit_maps` must be 'context_embedder' for RECE (its "
+              f"adversarial rows live in the encoder-row space) but is {self.mmdit_maps!r}")
         check(self.ridge > 0, f"`ridge` must be > 0 but is {self.ridge}")
         check(self.retain_scale >= 0, f"`retain_scale` must be >= 0 but is {self.retain_scale}")
         check(self.judge is None or hasattr(self.judge, "hits"),
@@ -99,9 +102,13 @@ def judge_score(pipe, judge, concepts: list[str], prompts: list[list[str]], seed
     return sum(rates) / len(rates)
 
 
-@register("rece", RECEConfig, components=("unet",))
+@register("rece", RECEConfig, components=("unet", "transformer"), families=("sd1", "sd2", "sdxl", "sd3", "flux"))
 def rece(pipe, concepts: list[str], config: RECEConfig):
     """Erase ``concepts`` with RECE; returns an Edit of every cross-attention to_k / to_v.
+
+    On SD 3 / Flux the same steps edit the transformer's ``context_embedder``, the map that reads the
+    encoder rows (the rows ``c`` and ``c'`` of eq. 8 are its inputs; docs/backbones.md); with
+    ``edit_pooled`` the pooled-text projection carries UCE's closed form (the epochs refine the sequence rows).
 
     Example:
         >>> import erasekit
@@ -121,7 +128,7 @@ def rece(pipe, concepts: list[str], config: RECEConfig):
     if config.judge is not None:
         for c in s.concepts:
             config.judge.find(c)   # unknown concept: a clear error before any work
-    enc, W_old = PromptEncoder(FamilyAdapter(pipe)), kv_weights(pipe)
+    enc, W_old = PromptEncoder(FamilyAdapter(pipe)), text_input_weights(pipe)
     X = uce_fitter(enc, s).solve()                        # the UCE edit RECE starts from
     concept_prompts, guide_prompts = prompt_pairs(s)
     C, G = enc.rows(concept_prompts)[0].flatten(0, 1), enc.rows(guide_prompts)[0].flatten(0, 1)
@@ -135,7 +142,7 @@ def rece(pipe, concepts: list[str], config: RECEConfig):
         fitter.update(C_adv, G, s.erase_scale)
         fitter.update_gram(RtR, n_r, config.retain_scale)
         X = X.then(fitter.solve())
-        score = _score(pipe, W_old, X, config, s, by_concept)
+        score = _score(pipe, enc, X, config, s, by_concept)
         history.append({"epoch": epoch, "score": score})
         if score is None or score < best[0]:
             best = (score if score is not None else float("inf"), X, epoch)
@@ -145,14 +152,14 @@ def rece(pipe, concepts: list[str], config: RECEConfig):
     resolved = {**s.to_dict(), "regular_scale": lam_r, "epochs": epochs}
     manifest = {"resolved": resolved, "history": history, "best_epoch": best_epoch, "delta_rank_bound": X.rank,
                 **ctx.record(s.preset, {k: v for k, v in resolved.items() if k not in ("preset", "concepts")})}
-    return build_edit(pipe, W_old, X, manifest)
+    return closed_form_edit(pipe, enc, s, X, manifest, config.mmdit_option("edit_pooled"))
 
 
-def _score(pipe, W_old: dict, X: RightUpdate, config: RECEConfig, s, prompts) -> float | None:
+def _score(pipe, enc, X: RightUpdate, config: RECEConfig, s, prompts) -> float | None:
     """Validation score of the edit ``W_old X`` (lower is better), or None without a judge or callback."""
     if config.judge is None and config.validation is None:
         return None
-    edit = build_edit(pipe, W_old, X, {"method": "rece (validation)"})
+    edit = closed_form_edit(pipe, enc, s, X, {"method": "rece (validation)"}, config.mmdit_option("edit_pooled"))
     with edit.applied(pipe):
         if config.validation is not None:
             return float(config.validation(pipe))

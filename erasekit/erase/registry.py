@@ -40,21 +40,30 @@ class MethodConfig(_BaseConfig):
         super().__post_init__()
 
 _REGISTRY: dict[str, tuple[type, Callable]] = {}
+_FAMILIES: dict[str, tuple[str, ...]] = {}   # method -> the model families it supports
 # Methods live in their own modules, imported on first use so `import erasekit` stays light.
 _MODULES = {"uce": "uce", "rece": "rece", "esd": "esd", "salun": "salun", "advunlearn": "advunlearn",
             "sfd": "sfd", "fmn": "fmn", "ca": "ca",
             "mace": "mace", "spm": "spm", "sld": "sld", "safree": "safree"}
 
 
-def register(name: str, config_cls: type[MethodConfig], components: tuple[str, ...] | None = None):
+def register(name: str, config_cls: type[MethodConfig], components: tuple[str, ...] | None = None,
+             families: tuple[str, ...] | None = None):
     """Decorator: register ``fn(pipe, concepts, config) -> Edit`` under ``name``.
 
     ``components``: the pipeline components its Edits change (e.g. ``("unet",)``). Declared, they are
     enforced: :func:`erase` refuses an Edit that changes anything else, and so does ``Edit.load``
     for a file that names this method.
+    ``families``: the model families (:data:`~erasekit.pipelines.family.FAMILIES`) the method supports;
+    None: the UNet families sd1, sd2 and sdxl. :func:`erase` refuses any other pipeline before the method runs.
     """
     from ..pipelines.edit import declare_components
+    from ..pipelines.family import FAMILIES, UNET_FAMILIES
     from ..pipelines.inference import add_resolver
+
+    families = UNET_FAMILIES if families is None else tuple(families)
+    if not families or any(f not in FAMILIES for f in families):
+        raise ConfigError(f"method {name!r} must declare families among {', '.join(FAMILIES)}, not {list(families)}")
 
     add_resolver(get_method)   # a loaded inference-time Edit finds its method's sampler (pipelines.inference)
 
@@ -62,6 +71,7 @@ def register(name: str, config_cls: type[MethodConfig], components: tuple[str, .
         if components is not None:
             declare_components(name, components)
         _REGISTRY[name] = (config_cls, fn)
+        _FAMILIES[name] = families
         fn.config_class = config_cls
         return fn
 
@@ -75,6 +85,12 @@ def get_method(name: str) -> tuple[type[MethodConfig], Callable]:
     if key not in _REGISTRY:
         raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_MODULES))}")
     return _REGISTRY[key]
+
+
+def supported_families(name: str) -> tuple[str, ...]:
+    """The model families method ``name`` supports (:func:`register`)."""
+    get_method(name)
+    return _FAMILIES[name.lower().strip()]
 
 
 def methods() -> dict[str, type[MethodConfig]]:
@@ -119,17 +135,23 @@ def erase(pipe, method: str, concepts, config: MethodConfig | None = None, **opt
     elif not isinstance(config, config_cls):
         raise ConfigError(f"config must be a {config_cls.__name__} for method {method!r}, "
                           f"not {type(config).__name__}")
+    from ..pipelines.family import detect_family
+    from ..pipelines.mmdit import denoiser
     from .engine import run_scope  # training methods key their automatic checkpoints by this run
 
-    with measure(pipe.unet.device) as usage, run_scope(method.lower(), concepts):
+    family, supported = detect_family(pipe), supported_families(method)
+    if family not in supported:
+        raise ConfigError(f"method {method!r} supports {', '.join(supported)} pipelines, but this one is {family}: "
+                          f"choose a method that supports {family} ({', '.join(_supporting(family)) or 'none yet'})")
+    net = denoiser(pipe)
+    with measure(net.device) as usage, run_scope(method.lower(), concepts):
         edit = fn(pipe, concepts, config)
-    from ..pipelines.family import detect_family
 
     edit.manifest.update({
         "method": method.lower(), "concepts": concepts, "config": config.to_dict(),
-        "family": detect_family(pipe), "wall_time_s": round(usage.wall_time_s, 4),
+        "family": family, "wall_time_s": round(usage.wall_time_s, 4),
         "peak_memory_bytes": usage.peak_memory_bytes, "memory_kind": usage.memory_kind,
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "dtype": str(net.dtype).replace("torch.", ""),
     })
     from ..pipelines.edit import declared_components, undeclared_keys
 
@@ -138,3 +160,15 @@ def erase(pipe, method: str, concepts, config: MethodConfig | None = None, **opt
         raise ConfigError(f"method {method!r} changes only {', '.join(declared_components(method))}, but this run "
                           f"changed {outside[0]!r}: choose options (e.g. `param_set`) within those components")
     return edit
+
+
+def _supporting(family: str) -> list[str]:
+    """The built-in methods that support ``family`` (each is imported to read its registration)."""
+    found = []
+    for name in sorted(set(_MODULES) | set(_REGISTRY)):
+        try:
+            if family in supported_families(name):
+                found.append(name)
+        except ImportError:   # a method whose optional dependencies are missing
+            continue
+    return found

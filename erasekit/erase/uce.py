@@ -34,6 +34,12 @@ concept alike, so a concept is erased in the contexts it is used in (the paper's
 Deviations from the reference: only the "replace" technique (the paper-era "tensor" option and the
 2025 debiasing loop are not implemented); concepts given to erase are dropped from the preserve list;
 the solve runs in float64 by default (``solve_dtype``; the spec's default is float32).
+
+On SD 3 / Flux (MMDiT) the same closed form edits the transformer's ``context_embedder``, the one map
+that reads the encoder rows (exact), and with ``edit_pooled`` the pooled-text projection; the token
+policy applies to each tokenizer's segment of the sequence (CLIP rows, T5 rows) with its own positions.
+``mmdit_maps="blocks"`` fits every joint block's ``add_k_proj`` / ``add_v_proj`` on recorded text streams
+instead (an approximation). Derivation: :mod:`erasekit.erase.uce_mmdit` and docs/backbones.md.
 """
 
 from __future__ import annotations
@@ -45,10 +51,12 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..presets import concept_context, world_preset_names
-from .closed_form import SOLVE_DTYPES, UCEFitter, build_edit, kv_weights
+from .closed_form import SOLVE_DTYPES, UCEFitter
 from .registry import MethodConfig, check, register
 
 POLICIES = ("last_word", "aligned_tail", "all_77")
+MMDIT_MAPS = ("context_embedder", "blocks")
+MMDIT_DEFAULTS = {"edit_pooled": True, "mmdit_maps": "context_embedder", "record_steps": 4}   # what None means
 TEMPLATE_SETS = {
     "art": ("{}", "painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"),
     "object": ("{}", "image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"),
@@ -87,6 +95,21 @@ class UCEConfig(MethodConfig):
         "help": "prompt expansion: templates with '{}' or a set name (art, object, or a provider's)"})
     preserve_empty: bool | None = field(default=None, metadata={"help": "also preserve the empty prompt ''"})
     solve_dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the d x d solve"})
+    edit_pooled: bool | None = field(default=None, metadata={
+        "help": "SD 3 / Flux: also edit the pooled-text projection (exact, like the context embedder; "
+                "docs/backbones.md; None: True); UNet models have no such map and ignore it"})
+    mmdit_maps: str | None = field(default=None, metadata={
+        "help": "SD 3 / Flux: context_embedder (the exact closed form; None: this) or blocks (every joint block's "
+                "add_k_proj / add_v_proj fitted on the text stream recorded along each concept prompt's sampling "
+                "trajectory: an approximation; docs/backbones.md); UNet models ignore it"})
+    record_steps: int | None = field(default=None, metadata={
+        "help": "mmdit_maps=blocks: sampling steps of each concept prompt's trajectory (seed 0) at which the "
+                "text stream is recorded (None: 4)"})
+
+    def mmdit_option(self, name: str):
+        """An SD 3 / Flux option with its None resolved (:data:`MMDIT_DEFAULTS`)."""
+        value = getattr(self, name)
+        return MMDIT_DEFAULTS[name] if value is None else value
 
     def validate(self) -> None:
         names = ("auto", *PRESETS, *world_preset_names("uce"))
@@ -98,6 +121,12 @@ class UCEConfig(MethodConfig):
               f"`preserve_scale` must be >= 0 but is {self.preserve_scale}")
         check(self.lamb is None or self.lamb >= 0, f"`lamb` must be >= 0 but is {self.lamb}")
         check(self.solve_dtype in SOLVE_DTYPES, f"`solve_dtype` must be float32 or float64 but is {self.solve_dtype!r}")
+        check(self.edit_pooled is None or isinstance(self.edit_pooled, bool),
+              f"`edit_pooled` must be True or False but is {self.edit_pooled!r}")
+        check(self.mmdit_maps is None or self.mmdit_maps in MMDIT_MAPS,
+              f"`mmdit_maps` must be one of {', '.join(MMDIT_MAPS)} but is {self.mmdit_maps!r}")
+        check(self.record_steps is None or isinstance(self.record_steps, int) and self.record_steps >= 1,
+              f"`record_steps` must be an integer >= 1 but is {self.record_steps!r}")
         if isinstance(self.templates, str):
             sets = (*TEMPLATE_SETS, *world_preset_names("uce-templates"))
             check(self.templates in sets, f"`templates` must be a list of strings with '{{}}' or one of "
@@ -186,42 +215,90 @@ def erase_rows(policy: str, c: torch.Tensor, g: torch.Tensor, a: int, b: int) ->
 
 class PromptEncoder:
     """Text-encoder rows of prompts for one erase call: each distinct token sequence is encoded once
-    (UCE and RECE ask for the same prompts several times; "" and " " are the same sequence)."""
+    (UCE and RECE ask for the same prompts several times; "" and " " are the same sequence).
+
+    Rows are the sequence the denoiser reads (``adapter.sequence_length`` x d: 77 on SD 1.x/2.x/SDXL;
+    SD 3's CLIP rows then T5 rows; Flux's T5 rows). Positions are per segment of that sequence
+    (``adapter.segments``: one per tokenizer that fills rows), so the token policies apply to each
+    segment with its own last word. A prompt's cache key is its ids under every tokenizer that fills
+    rows (T5 keeps case where CLIP does not)."""
 
     def __init__(self, adapter, batch_size: int = 64, cache_limit: int = 256):
         self.adapter, self.batch_size, self.cache_limit = adapter, batch_size, cache_limit
         self.dim = adapter.context_dim
         self._rows: dict[tuple, torch.Tensor] = {}
+        self._pooled: dict[tuple, torch.Tensor] = {}
         self._grams: dict[tuple, tuple[torch.Tensor, int]] = {}
 
-    def _keys(self, prompts: list[str]) -> tuple[list[tuple], list[int]]:
-        tokens = self.adapter.tokenize(prompts)
-        return [tuple(ids) for ids in tokens.input_ids.tolist()], tokens.last_word_index.tolist()
+    def _keys(self, prompts: list[str]) -> list[tuple]:
+        ids = [self.adapter.tokenize(prompts, seg.which).input_ids.tolist() for seg in self.adapter.segments]
+        return [tuple(tuple(x[i]) for x in ids) for i in range(len(prompts))]
 
-    def rows(self, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """(embeddings N x 77 x d in float64 on the CPU, last-word index per prompt), cached."""
-        keys, last = self._keys(prompts)
+    def last_rows(self, prompts: list[str]) -> list[list[int]]:
+        """Per prompt, the row of its last word in each segment (absolute indices into the sequence)."""
+        cols = [(self.adapter.tokenize(prompts, seg.which).last_word_index + seg.start).tolist()
+                for seg in self.adapter.segments]
+        return [[col[i] for col in cols] for i in range(len(prompts))]
+
+    def _encode(self, prompts: list[str]) -> list[tuple]:
+        """Encode the prompts not cached yet; returns their keys."""
+        keys = self._keys(prompts)
         todo = list(dict.fromkeys(k for k in keys if k not in self._rows))
         first = {k: p for p, k in zip(prompts, keys)}
         for i in range(0, len(todo), self.batch_size):
             batch = todo[i:i + self.batch_size]
-            embeds = self.adapter.encode([first[k] for k in batch], batch_size=self.batch_size).embeds
-            for k, e in zip(batch, embeds.double().cpu()):
-                self._rows[k] = e
-        out = torch.stack([self._rows[k] for k in keys]) if keys else torch.zeros(0, 77, self.dim)
+            ctx = self.adapter.encode([first[k] for k in batch], batch_size=self.batch_size)
+            pooled = ctx.pooled.double().cpu() if ctx.pooled is not None else [None] * len(batch)
+            for k, e, p in zip(batch, ctx.embeds.double().cpu(), pooled):
+                self._rows[k], self._pooled[k] = e, p
+        return keys
+
+    def _trim(self) -> None:
         if len(self._rows) > self.cache_limit:
             self._rows.clear()
-        return out, last
+            self._pooled.clear()
+
+    def rows(self, prompts: list[str]) -> tuple[torch.Tensor, list[list[int]]]:
+        """(embeddings N x sequence x d in float64 on the CPU, :meth:`last_rows`), cached."""
+        keys = self._encode(prompts)
+        out = torch.stack([self._rows[k] for k in keys]) if keys else \
+            torch.zeros(0, self.adapter.sequence_length, self.dim, dtype=torch.float64)
+        self._trim()
+        return out, self.last_rows(prompts)
+
+    def pooled(self, prompts: list[str]) -> torch.Tensor:
+        """Pooled text vectors N x P in float64 on the CPU (SDXL, SD 3, Flux), cached."""
+        keys = self._encode(prompts)
+        if any(self._pooled[k] is None for k in keys):
+            raise ConfigError(f"{self.adapter.family} pipelines have no pooled text embedding")
+        out = torch.stack([self._pooled[k] for k in keys])
+        self._trim()
+        return out
+
+    def pair(self, policy: str, C: torch.Tensor, G: torch.Tensor, a: list[list[int]], b: list[list[int]]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paired (key, guide) rows of concept prompts ``C`` and their guides ``G`` (N x sequence x d) under
+        ``policy`` (:func:`erase_rows`), segment by segment; ``a`` / ``b``: their :meth:`last_rows`."""
+        keys, guides = [], []
+        for c, g, ai, bi in zip(C, G, a, b):
+            for j, seg in enumerate(self.adapter.segments):
+                span = slice(seg.start, seg.start + seg.length)
+                k, v = erase_rows(policy, c[span], g[span], ai[j] - seg.start, bi[j] - seg.start)
+                keys.append(k)
+                guides.append(v)
+        return torch.cat(keys), torch.cat(guides)
 
     def gram(self, prompts: list[str], last_word: bool = False) -> tuple[torch.Tensor, int]:
-        """``C^T C`` and the row count over the rows of ``prompts`` (all rows, or the last word's), streamed."""
+        """``C^T C`` and the row count over the rows of ``prompts`` (all rows, or each segment's last
+        word), streamed."""
         memo = (tuple(prompts), last_word)
         if memo not in self._grams:
             gram, n = torch.zeros(self.dim, self.dim, dtype=torch.float64), 0
             for i in tqdm(range(0, len(prompts), self.batch_size), desc="preserve",
                           disable=len(prompts) <= 4 * self.batch_size):
                 e, last = self.rows(prompts[i:i + self.batch_size])
-                rows = e[torch.arange(len(last)), last] if last_word else e.flatten(0, 1)
+                rows = e[torch.arange(len(last))[:, None], torch.tensor(last)].flatten(0, 1) if last_word \
+                    else e.flatten(0, 1)
                 gram, n = gram + rows.T @ rows, n + rows.shape[0]
             self._grams[memo] = gram, n
         return self._grams[memo]
@@ -251,17 +328,21 @@ def uce_fitter(enc: PromptEncoder, s: UCESettings) -> UCEFitter:
     fitter = UCEFitter(enc.dim, s.lamb, SOLVE_DTYPES[s.solve_dtype])
     concept_prompts, guide_prompts = prompt_pairs(s)
     (C, a), (G, b) = enc.rows(concept_prompts), enc.rows(guide_prompts)
-    rows = [erase_rows(s.token_policy, c, g, ai, bi) for c, g, ai, bi in zip(C, G, a, b)]
-    fitter.update(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), s.erase_scale)
+    fitter.update(*enc.pair(s.token_policy, C, G, a, b), s.erase_scale)
     if s.preserve and s.preserve_scale > 0:
         gram, n = enc.gram(preserve_prompts(s), last_word=s.token_policy == "last_word")
         fitter.update_gram(gram, n, s.preserve_scale)
     return fitter
 
 
-@register("uce", UCEConfig, components=("unet",))
+@register("uce", UCEConfig, components=("unet", "transformer"), families=("sd1", "sd2", "sdxl", "sd3", "flux"))
 def uce(pipe, concepts: list[str], config: UCEConfig):
     """Erase ``concepts`` with UCE; returns an Edit of every cross-attention to_k / to_v (exact low-rank deltas).
+
+    On SD 3 / Flux the Edit changes the transformer's ``context_embedder`` (and, with ``edit_pooled``,
+    the pooled-text projection), the exact closed form (:mod:`erasekit.erase.uce_mmdit`); with
+    ``mmdit_maps="blocks"`` every joint block's ``add_k_proj`` / ``add_v_proj`` instead, fitted on the
+    text stream recorded along each concept prompt's sampling (an approximation).
 
     Example:
         >>> import erasekit
@@ -274,10 +355,15 @@ def uce(pipe, concepts: list[str], config: UCEConfig):
 
     ctx = concept_context(pipe, concepts, config)
     s = resolve(config, concepts, ctx=ctx)
-    fitter = uce_fitter(PromptEncoder(FamilyAdapter(pipe)), s)
-    update = fitter.solve()
-    return build_edit(pipe, kv_weights(pipe), update, {"resolved": s.to_dict(), "delta_rank_bound": update.rank,
-                                                       **ctx.record(s.preset, _values(s))})
+    from .uce_mmdit import blocks_edit, closed_form_edit
+
+    enc = PromptEncoder(FamilyAdapter(pipe))
+    manifest = {"resolved": s.to_dict(), **ctx.record(s.preset, _values(s))}
+    pooled = config.mmdit_option("edit_pooled")
+    if enc.adapter.mmdit and config.mmdit_option("mmdit_maps") == "blocks":
+        return blocks_edit(pipe, enc, s, manifest, pooled, config.mmdit_option("record_steps"))
+    update = uce_fitter(enc, s).solve()
+    return closed_form_edit(pipe, enc, s, update, {**manifest, "delta_rank_bound": update.rank}, pooled)
 
 
 def _values(s: UCESettings) -> dict:

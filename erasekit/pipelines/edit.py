@@ -118,8 +118,8 @@ def low_rank_factors(delta: torch.Tensor, rtol: float = 1e-5) -> tuple[torch.Ten
 class Edit:
     """Named new weights (or exact low-rank deltas) for pipeline components, plus a manifest.
 
-    ``weights`` maps ``"<component>/<parameter name>"`` (component one of ``unet``,
-    ``text_encoder``, ``text_encoder_2``) to the new tensor; ``deltas`` maps the same kind of key to
+    ``weights`` maps ``"<component>/<parameter name>"`` (component one of
+    :data:`COMPONENTS`: ``unet`` or ``transformer``, ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``) to the new tensor; ``deltas`` maps the same kind of key to
     ``(U, V)`` with the new weight ``base + U @ V``. ``unsafe_skip_base_check`` skips the family and
     fingerprint comparison of every check (module docstring); it warns each time.
     """

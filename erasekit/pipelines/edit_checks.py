@@ -17,7 +17,7 @@ import torch
 from ..errors import ConfigError, EditError
 from .family import FAMILIES
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")  # transformer: SD3, Flux
 _DECLARED: dict[str, tuple[str, ...]] = {}   # method name -> the components its Edits may change
 RECREATE = "re-create it with `erasekit erase` (or Edit.save)"
 OPT_OUT = (" (only if you know it fits this one, e.g. a fine-tuned copy: unsafe_skip_base_check=True, "

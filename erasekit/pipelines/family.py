@@ -1,10 +1,12 @@
-"""Telling SD 1.x, SD 2.x and SDXL apart, and the per-family text side: tokens, positions, encodings.
+"""Telling SD 1.x, SD 2.x, SDXL, SD 3 and Flux apart, and the per-family text side: tokens, positions, encodings.
 
 One :class:`FamilyAdapter` per pipeline answers the questions every method asks:
 which tokens a prompt has and where its last word and EOS sit, how a prompt becomes the context
 the UNet's cross-attention reads (SDXL: two encoders, penultimate layers concatenated, plus the
 pooled embedding), how to encode from token embeddings (prefix attacks), and which
-cross-attention ``to_k`` / ``to_v`` projections exist.
+cross-attention ``to_k`` / ``to_v`` projections exist. On the MMDiT families (``sd3``, ``flux``)
+the context is what the transformer's ``context_embedder`` reads and the projections that carry
+text are in :func:`~erasekit.pipelines.mmdit.text_projections` (:mod:`erasekit.pipelines.mmdit`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,18 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from . import mmdit
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+UNET_FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = UNET_FAMILIES + mmdit.MMDIT_FAMILIES
 
 
 def detect_family(pipe) -> str:
-    """``"sdxl"`` if the pipeline has a second text encoder, ``"sd2"`` for an OpenCLIP encoder, else ``"sd1"``."""
+    """``"sd3"`` / ``"flux"`` for an MMDiT transformer pipeline (:func:`~erasekit.pipelines.mmdit.mmdit_family`);
+    else ``"sdxl"`` if the pipeline has a second text encoder, ``"sd2"`` for an OpenCLIP encoder, else ``"sd1"``."""
+    family = mmdit.mmdit_family(pipe)
+    if family is not None:
+        return family
     if getattr(pipe, "text_encoder_2", None) is not None:
         return "sdxl"
     if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None:
@@ -33,8 +41,8 @@ def detect_family(pipe) -> str:
 
 @dataclass
 class Tokens:
-    input_ids: torch.Tensor        # B x 77
-    attention_mask: torch.Tensor   # B x 77, 1 for BOS, words and the first EOS
+    input_ids: torch.Tensor        # B x 77 (T5: B x max_sequence_length)
+    attention_mask: torch.Tensor   # B x 77, 1 for BOS, words and the first EOS (T5: words and EOS, no BOS)
 
     @property
     def eos_index(self) -> torch.Tensor:
@@ -42,8 +50,8 @@ class Tokens:
 
     @property
     def last_word_index(self) -> torch.Tensor:
-        """Index of the last word token (closed-form.md section 3); 0 (BOS) for an empty prompt."""
-        return self.attention_mask.sum(-1) - 2
+        """Index of the last word token (closed-form.md section 3); 0 (BOS, or T5's EOS) for an empty prompt."""
+        return (self.attention_mask.sum(-1) - 2).clamp_min(0)
 
 
 @dataclass
@@ -111,27 +119,44 @@ class FamilyAdapter:
     def __init__(self, pipe):
         self.pipe = pipe
         self.family = detect_family(pipe)
+        self.mmdit = self.family in mmdit.MMDIT_FAMILIES
+        if self.mmdit:   # CLIP tokenizer(s) first, T5 last; ``tokenize()`` is CLIP-L's
+            self.tokenizers, self.encoders = mmdit.text_stack(pipe, self.family)
+            self.max_sequence_length = mmdit.default_sequence_length(pipe)
+            self.segments = mmdit.segments(self.family, self.max_sequence_length, mmdit.has_t5(pipe, self.family))
+            self.sequence_length = (77 if self.family == "sd3" else 0) + self.max_sequence_length
+            return
         self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.family == "sdxl" else [])
         self.encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.family == "sdxl" else [])
+        self.sequence_length = self.tokenizers[0].model_max_length   # rows of the context: 77
+        self.segments = [mmdit.Segment(0, 0, self.sequence_length)]
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return mmdit.denoiser(self.pipe).device
 
     @property
     def context_dim(self) -> int:
+        if self.mmdit:
+            return int(self.pipe.transformer.config.joint_attention_dim)
         return int(self.pipe.unet.config.cross_attention_dim)
 
+    def max_length(self, which: int = 0) -> int:
+        """Tokens per prompt of tokenizer ``which``: 77 for CLIP, ``max_sequence_length`` for T5."""
+        if self.mmdit and which == mmdit.T5_INDEX[self.family]:
+            return self.max_sequence_length
+        return self.tokenizers[which].model_max_length
+
     def tokenize(self, prompts: list[str] | str, which: int = 0) -> Tokens:
-        """Tokenise with padding to 77; refuses prompts longer than the context."""
+        """Tokenise with padding to the encoder's length (:meth:`max_length`); refuses prompts longer than that."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        tok = self.tokenizers[which]
-        enc = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=False)
+        tok, limit = self.tokenizers[which], self.max_length(which)
+        enc = tok(prompts, padding="max_length", max_length=limit, truncation=False)
         lengths = [sum(m) for m in enc.attention_mask]   # checked before batching: long rows are ragged
-        if max(lengths, default=0) > tok.model_max_length:
-            bad = [p for p, n in zip(prompts, lengths) if n > tok.model_max_length]
+        if max(lengths, default=0) > limit:
+            bad = [p for p, n in zip(prompts, lengths) if n > limit]
             raise ConfigError(f"prompt {bad[0][:60]!r} has {max(lengths)} tokens but the text encoder takes "
-                              f"at most {tok.model_max_length}: shorten it")
+                              f"at most {limit}: shorten it")
         return Tokens(torch.tensor(enc.input_ids, device=self.device),
                       torch.tensor(enc.attention_mask, device=self.device))
 
@@ -150,6 +175,10 @@ class FamilyAdapter:
         return self._encode([prompts] if isinstance(prompts, str) else list(prompts))
 
     def _encode(self, prompts: list[str]) -> Context:
+        if self.mmdit:
+            for which in range(len(self.tokenizers)):   # the pipeline would truncate silently: refuse instead
+                self.tokenize(prompts, which)
+            return Context(*mmdit.encode(self.pipe, self.family, prompts, self.max_sequence_length))
         if self.family != "sdxl":
             ids = self.tokenize(prompts).input_ids
             return Context(self.encoders[0](ids).last_hidden_state)
@@ -162,8 +191,18 @@ class FamilyAdapter:
                 pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
         return Context(torch.cat(seqs, dim=-1), pooled)
 
-    def encode_token_embeds(self, token_embeds: list[torch.Tensor], tokens: list[Tokens]) -> Context:
-        """Encode from token embeddings, one tensor per text encoder (differentiable)."""
+    def encode_token_embeds(self, token_embeds: list[torch.Tensor], tokens: list[Tokens],
+                            t5_rows: torch.Tensor | None = None) -> Context:
+        """Encode from token embeddings, one tensor per text encoder (differentiable).
+
+        SD 3 / Flux: one tensor per CLIP encoder; T5 is not run from embeddings, its rows are ``t5_rows``
+        (the plain prompts' T5 rows, :func:`~erasekit.pipelines.mmdit.encode_clip_token_embeds`).
+        """
+        if self.mmdit:
+            if t5_rows is None:
+                raise ConfigError(f"encoding from token embeddings on {self.family} pipelines runs the CLIP encoders "
+                                  "only: pass `t5_rows`, the T5 rows of the plain prompts (PrefixPrompts does)")
+            return Context(*mmdit.encode_clip_token_embeds(self.family, self.encoders, token_embeds, tokens, t5_rows))
         if self.family != "sdxl":
             seq, _ = encode_embeds(self.encoders[0], token_embeds[0], tokens[0].eos_index)
             return Context(seq)

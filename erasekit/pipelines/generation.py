@@ -34,12 +34,20 @@ SAMPLERS = {
     "euler": "EulerDiscreteScheduler",
     "dpm": "DPMSolverMultistepScheduler",
     "pndm": "PNDMScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
+FLOW_SAMPLERS = ("flow_euler",)
+"""Samplers of flow-matching models (SD 3, Flux); the others integrate a DDPM noise schedule. A model is
+trained for one kind, and a sampler of the other kind makes noise, so :func:`use_sampler` refuses the mix."""
 
 
 @dataclass
 class Sampling:
-    """How images are made: recorded in every report so numbers are compared like for like."""
+    """How images are made: recorded in every report so numbers are compared like for like.
+
+    ``sampler`` ``"ddim"`` (and lms, euler, dpm, pndm) for DDPM-trained models (SD 1.x, 2.x, SDXL),
+    ``"flow_euler"`` for flow-matching ones (SD 3, Flux); :func:`default_sampling` picks by the pipeline.
+    """
 
     sampler: str = "ddim"
     steps: int = 25
@@ -60,13 +68,34 @@ class Sampling:
         return asdict(self)
 
 
+def is_flow_matching(pipe) -> bool:
+    """Whether the pipeline's scheduler integrates a flow-matching ODE (SD 3, Flux) rather than a DDPM schedule."""
+    scheduler = getattr(pipe, "scheduler", None)
+    return type(scheduler).__name__.startswith("FlowMatch") or \
+        getattr(getattr(scheduler, "config", None), "prediction_type", None) == "flow_prediction"
+
+
+def default_sampling(pipe, **kwargs) -> Sampling:
+    """:class:`Sampling` with the pipeline's kind of sampler: ``flow_euler`` on flow-matching models, else ``ddim``."""
+    return Sampling(sampler="flow_euler" if is_flow_matching(pipe) else "ddim", **kwargs)
+
+
 @contextmanager
 def use_sampler(pipe, sampler: str):
-    """Temporarily swap the pipeline's scheduler class (same noise schedule config)."""
+    """Temporarily swap the pipeline's scheduler class (same noise schedule config).
+
+    A DDPM sampler on a flow-matching model, or the reverse, is refused (:data:`FLOW_SAMPLERS`).
+    """
     import diffusers
 
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler must be one of {sorted(SAMPLERS)} but is {sampler!r}")
+    flow = is_flow_matching(pipe)
+    if flow != (sampler in FLOW_SAMPLERS):
+        fits = [s for s in SAMPLERS if (s in FLOW_SAMPLERS) == flow]
+        raise ConfigError(f"sampler {sampler!r} does not fit this {type(pipe).__name__}: its scheduler "
+                          f"{type(pipe.scheduler).__name__} is {'flow matching' if flow else 'a DDPM schedule'}, so "
+                          f"use {' or '.join(map(repr, fits))} (Sampling(sampler=...))")
     old = pipe.scheduler
     pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(old.config)
     try:
@@ -127,7 +156,8 @@ def generate(pipe, prompts: list[str] | str, seeds: list[int] | int, sampling: S
              progress: bool = False, output_type: str = "pil", check: bool = True, **kwargs):
     """Generate one image per (prompt, seed) pair; returns a list (PIL by default).
 
-    ``prompts`` and ``seeds`` are zipped; a single prompt or seed is broadcast. Works unchanged on
+    ``prompts`` and ``seeds`` are zipped; a single prompt or seed is broadcast. Without ``sampling``, the
+    pipeline's kind of sampler with the defaults of :class:`Sampling` (:func:`default_sampling`). Works unchanged on
     the one-step generators SFD produces (they define ``erasekit_generate``). With ``check`` (the
     default), each batch is checked as it is made and the first degenerate output raises
     :class:`~erasekit.errors.DegenerateOutputError` (see :func:`check_outputs`); callers that
@@ -142,7 +172,7 @@ def generate(pipe, prompts: list[str] | str, seeds: list[int] | int, sampling: S
         >>> [x.tobytes() == y.tobytes() for x, y in zip(a, b)]
         [True, True]
     """
-    sampling = sampling or Sampling()
+    sampling = sampling or default_sampling(pipe)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     if len(prompts) == 1 and len(seeds) > 1:

@@ -118,6 +118,21 @@ class UNetCall:
         return UNetCall(self.sample[idx], pick(self.timestep), self.encoder_hidden_states[idx],
                         {k: pick(v) for k, v in self.kwargs.items()})
 
+    def append_rows(self, idx: torch.Tensor, encoder_hidden_states: torch.Tensor) -> "UNetCall":
+        """This call with rows ``idx`` repeated after the batch (every per-row option alike), the repeats
+        reading ``encoder_hidden_states`` (one context per index) instead of their own."""
+        n = self.batch
+
+        def grow(v):
+            if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n:
+                return torch.cat([v, v[idx]])
+            if isinstance(v, dict):
+                return {k: grow(x) for k, x in v.items()}
+            return v
+
+        ehs = torch.cat([self.encoder_hidden_states, encoder_hidden_states.to(self.encoder_hidden_states)])
+        return UNetCall(grow(self.sample), grow(self.timestep), ehs, {k: grow(v) for k, v in self.kwargs.items()})
+
     def with_context(self, embeds: torch.Tensor, pooled: torch.Tensor | None = None) -> "UNetCall":
         """The same call with another text context (one row broadcast to the batch); SDXL's pooled too."""
         ehs = self.encoder_hidden_states

@@ -32,9 +32,19 @@ def builtin_path(name: str) -> Path:
     return path
 
 
+def _has_safety_checker(folder: Path) -> bool:
+    """Whether the pipeline class saved in ``folder`` takes a safety checker (its model_index.json names one)."""
+    import json
+
+    try:
+        return "safety_checker" in json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return True   # unreadable: from_pretrained reports it
+
+
 def load_pipeline(name_or_path: str | os.PathLike = "canvas-mini", dtype: str | torch.dtype = "float32",
                   device: str | torch.device = "cpu"):
-    """Load a Stable Diffusion pipeline (SD 1.x, SD 2.x, SDXL or ``canvas-mini``).
+    """Load a Stable Diffusion pipeline (SD 1.x, SD 2.x, SDXL, SD 3 / 3.5, Flux or ``canvas-mini``).
 
     Args:
         name_or_path: ``"canvas-mini"`` (built in, offline), a local diffusers directory (with
@@ -69,9 +79,11 @@ def load_pipeline(name_or_path: str | os.PathLike = "canvas-mini", dtype: str | 
         raise ModelLoadError(f"unknown model {name!r}: use 'canvas-mini', a local diffusers directory, "
                              "or a hub id like 'CompVis/stable-diffusion-v1-4'")
     kwargs = {"dtype": dtype}  # diffusers >= 0.40 (torch_dtype is deprecated there)
+    checker = {"safety_checker": None, "requires_safety_checker": False}
+    if local and not _has_safety_checker(source):   # SDXL, SD 3, Flux: no checker to switch off
+        checker = {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local, safety_checker=None,
-                                                 requires_safety_checker=False, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local, **checker, **kwargs)
     except TypeError:  # pipelines without a safety checker argument (SDXL)
         pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local, **kwargs)
     except (OSError, ValueError) as e:

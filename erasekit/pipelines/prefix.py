@@ -17,6 +17,15 @@ and :meth:`PrefixPrompts.encode` turns the filled slots into the :class:`~erasek
 the UNet reads, differentiably (position embeddings are added inside the encoder). SDXL gets the
 slots in both text encoders (same token ids; each encoder's own embedding table).
 
+SD 3 and Flux: the slots go into every CLIP encoder (SD 3: CLIP-L and CLIP-G; Flux: CLIP-L), whose
+outputs are built from the token embeddings as ``encode_prompt`` builds them from ids (SD 3: penultimate
+hidden states and pooled projections; Flux: the pooled output). T5 has another vocabulary and
+tokenisation, so a CLIP token (or a relaxed one-hot over CLIP's vocabulary) has no T5 counterpart: T5
+reads the plain prompt (its rows are encoded once, without the prefix). The adversarial text that is
+judged is generated with the prefix in every encoder, T5 included, so on these families the optimised
+conditioning and the judged one differ in the T5 rows (an approximation; the CLIP rows and the pooled
+vector are exact). :attr:`PrefixPrompts.adapter` lists the CLIP tokenizers and encoders only.
+
 Example (AdvUnlearn-style continuous slots)::
 
     pp = PrefixPrompts(pipe, ["nudity"], k=1)
@@ -83,11 +92,19 @@ class PrefixPrompts:
     """
 
     def __init__(self, pipe, prompts: Sequence[str], k: int):
-        self.adapter = pipe if isinstance(pipe, FamilyAdapter) else FamilyAdapter(pipe)
+        adapter = pipe if isinstance(pipe, FamilyAdapter) else FamilyAdapter(pipe)
         self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"`k` must be an integer >= 1 but is {k!r}")
         self.k = k
+        self.t5_rows = None
+        if adapter.mmdit:   # the CLIP encoders carry the slots; T5 reads the plain prompts (module docstring)
+            self.t5_rows = _t5_rows(adapter, self.prompts)
+            adapter = copy.copy(adapter)
+            clip = [i for i, enc in enumerate(adapter.encoders) if type(enc).__name__.startswith("CLIPTextModel")]
+            adapter.tokenizers = [adapter.tokenizers[i] for i in clip]
+            adapter.encoders = [adapter.encoders[i] for i in clip]
+        self.adapter = adapter
         self.base: list[Tokens] = [self.adapter.tokenize(self.prompts, which=i)
                                    for i in range(len(self.adapter.encoders))]
         self._check_fit()
@@ -176,6 +193,8 @@ class PrefixPrompts:
         if encoders is not None:
             adapter = copy.copy(adapter)
             adapter.encoders = list(encoders)
+        if adapter.mmdit:
+            return adapter.encode_token_embeds(self.token_embeds(slots, encoders), self.tokens, self.t5_rows)
         return adapter.encode_token_embeds(self.token_embeds(slots, encoders), self.tokens)
 
     # -- text -------------------------------------------------------------------------------------
@@ -197,4 +216,12 @@ class PrefixPrompts:
         idx = torch.tensor(rows, dtype=torch.long, device=self.base[0].input_ids.device)
         new.base = [Tokens(t.input_ids[idx], t.attention_mask[idx]) for t in self.base]
         new.tokens = [Tokens(t.input_ids[idx], t.attention_mask[idx]) for t in self.tokens]
+        if self.t5_rows is not None:
+            new.t5_rows = self.t5_rows[idx.to(self.t5_rows.device)]
         return new
+
+
+def _t5_rows(adapter: FamilyAdapter, prompts: list[str]) -> torch.Tensor:
+    """The T5 rows of ``prompts`` (SD 3: the rows after the 77 CLIP rows, zeros without T5; Flux: all rows)."""
+    embeds = adapter.encode(prompts).embeds
+    return embeds[:, 77:] if adapter.family == "sd3" else embeds
