@@ -109,7 +109,8 @@ def jobs(methods, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, sfd_stage1=
             out[f"cell/{m}/{t}"] = {"kind": "cell", "method": m, "target": t, "cost": COST[m], "settings": settings,
                                     **extra}
             if attacks:
-                out[f"attacks/{m}/{t}"] = {"kind": "attacks", "method": m, "target": t, "cost": 150,
+                # after every cell (the lowest cost): the table's rows first, then the attack matrix
+                out[f"attacks/{m}/{t}"] = {"kind": "attacks", "method": m, "target": t, "cost": 50,
                                            "settings": settings, "attacks": list(attacks),
                                            "budgets": {a: ATTACK_BUDGETS.get(a, {}) for a in attacks},
                                            **extra, "needs": [*extra["needs"], f"cell/{m}/{t}"]}

@@ -163,6 +163,7 @@ def build_tiny_mmdit(family: str, tokenizer_dir: Path):
         pipe = FluxPipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
                             vae=_flow_vae(), text_encoder=_text_encoder(seed=1), text_encoder_2=_t5(t5_tok, 32),
                             tokenizer=_tokenizer(tokenizer_dir), tokenizer_2=t5_tok)
+        pipe.default_sample_size = 16   # native size 16 x this VAE's factor 2 = 32 px (Flux's 128 would give 256)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -25,6 +25,8 @@ METHODS = {
     "concept_inversion": ("concept_inversion", "ConceptInversionConfig", "concept_inversion", True),
     "ring_a_bell": ("ring_a_bell", "RingABellConfig", "ring_a_bell", False),
 }
+MMDIT_ATTACKS = ("unlearndiffatk", "none", "seed_search", "random_prefix")
+"""The attacks that run on SD 3 / Flux; the others call a UNet (refused there with a ConfigError)."""
 _LAZY = {"AttackResult": "result", "PromptAttack": "result", "ASR_DEFINITION": "result",
          "PrefixPrompts": "erasekit.pipelines.prefix", "attack_vocabulary": "erasekit.pipelines.prefix",
          "UnlearnDiffAttackConfig": "unlearndiffatk",
@@ -91,7 +93,8 @@ def attack(pipe, prompts: list[str], concept=None, *, judge, method: str = "unle
             images: UnlearnDiffAtk, P4D, concept inversion). Default:
             generated from the same prompt and seed by the original model (``pipe`` without ``edit``;
             with no ``edit``, by ``pipe`` as it is).
-        sampling: :class:`~erasekit.Sampling` of the target and judged images (default DDIM 25, CFG 7.5).
+        sampling: :class:`~erasekit.Sampling` of the target and judged images (default DDIM 25, CFG 7.5;
+            on SD 3 / Flux flow Euler, :func:`~erasekit.pipelines.default_sampling`).
         options: the method's config fields (e.g. ``k=3, schedule="reference"``).
 
     Every generated batch is checked: a degenerate image (non-finite, or one flat colour) raises
@@ -112,11 +115,16 @@ def attack(pipe, prompts: list[str], concept=None, *, judge, method: str = "unle
     from .._profile import measure
     from ..errors import ConfigError
     from ..config import make_config
-    from ..pipelines.generation import Sampling, generate
+    from ..pipelines.generation import default_sampling, generate
+    from ..pipelines.mmdit import denoiser, mmdit_family
     from .concepts import prompt_concepts
     from .result import AttackResult
 
     config_cls, fn, needs_targets = get_attack(method)
+    family = mmdit_family(pipe)
+    if family is not None and str(method).lower().strip() not in MMDIT_ATTACKS:
+        raise ConfigError(f"attack {method!r} runs on sd1, sd2, sdxl pipelines, but this one is {family}: choose one "
+                          f"of {', '.join(MMDIT_ATTACKS)}")
     config = make_config(config_cls, options)
     prompts, seeds = _check_prompts(prompts, seeds)
     if hasattr(config, "check_edit"):   # attacks that need the original model (P4D) refuse before any work
@@ -125,7 +133,7 @@ def attack(pipe, prompts: list[str], concept=None, *, judge, method: str = "unle
     found = [judge.find(name) for name in concepts]   # an unknown concept fails here, before any work
     concepts = [judge.heads[head][j] for head, j in found]   # the judge's own spelling
     heads = {name: head for name, (head, _) in zip(concepts, found)}
-    sampling = sampling or Sampling()
+    sampling = sampling or default_sampling(pipe)
     if getattr(config, "k", None):
         from ..pipelines.prefix import PrefixPrompts
 
@@ -148,7 +156,7 @@ def attack(pipe, prompts: list[str], concept=None, *, judge, method: str = "unle
             target_source = "original model, same prompt and seed" if edit is not None else \
                 "the pipeline as given (no edit passed), same prompt and seed"
     prepare = getattr(importlib.import_module(fn.__module__), "prepare_on_original", None)
-    with measure(pipe.unet.device) as usage:
+    with measure(denoiser(pipe).device) as usage:
         # a text-only search (Ring-A-Bell) runs on the original model, before the Edit is applied
         prepared = prepare(pipe, prompts, seeds, concepts, config=config, progress=progress) if prepare else None
         with (edit.sampled(pipe) if edit is not None else nullcontext(pipe)) as attacked:
@@ -159,7 +167,7 @@ def attack(pipe, prompts: list[str], concept=None, *, judge, method: str = "unle
     protocol = {"sampling": sampling.to_dict(), "judge": judge.describe(), "concept_heads": heads,
                 "targets": target_source, "edit": None if edit is None else _edit_summary(edit),
                 "wall_time_s": round(usage.wall_time_s, 4), "peak_memory_bytes": usage.peak_memory_bytes,
-                "memory_kind": usage.memory_kind, "dtype": str(pipe.unet.dtype).replace("torch.", "")}
+                "memory_kind": usage.memory_kind, "dtype": str(denoiser(pipe).dtype).replace("torch.", "")}
     if hasattr(config, "plan"):   # the schedule with every None resolved
         protocol["schedule"] = config.plan()
     if prepared is not None and "record" in prepared:   # what a prepared search resolved and spent

@@ -31,14 +31,17 @@ from .result import PromptAttack
 
 @contextmanager
 def count_unet(pipe):
-    """Count UNet evaluations (one per latent in each call) while the block runs: yields a list [n]."""
+    """Count UNet (SD 3 / Flux: transformer) evaluations, one per latent in each call, while the block runs:
+    yields a list [n]."""
+    from ..pipelines.mmdit import denoiser
+
     counter = [0]
 
     def hook(module, args, kwargs, output):
-        x = args[0] if args else kwargs["sample"]
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         counter[0] += int(x.shape[0])
 
-    handle = pipe.unet.register_forward_hook(hook, with_kwargs=True)
+    handle = denoiser(pipe).register_forward_hook(hook, with_kwargs=True)
     try:
         yield counter
     finally:

@@ -53,6 +53,15 @@ Deviations from the reference code, all recorded in the manifest:
   both encoders, and the pooled projection of ``text_encoder_2`` is not trained. SDXL's UNet reads
   the penultimate layer of the first encoder, so that encoder's last layer and final norm get no
   gradient and stay unchanged (the Edit leaves them out).
+- SD 3 / Flux (flow matching, :mod:`erasekit.pipelines.flow`): the CLIP encoders are trained (SD 3:
+  CLIP-L and CLIP-G; Flux: CLIP-L, which reaches the transformer through the pooled vector only); T5 is
+  frozen, and the prefix slots go into the CLIP encoders while T5 reads the plain prompt
+  (:mod:`erasekit.pipelines.prefix`). Every eps above is the transformer's velocity ``v``: the ESD
+  target ``v_o("") - eta (v_o(c_e) - v_o(""))`` is the same negative guidance in velocity space
+  (:mod:`erasekit.erase.esd`), the latents come from flow-Euler trajectories of the frozen model on the
+  pipeline's sigmas (``ddim_steps`` of them; classifier-free guidance on SD 3, one conditional pass on
+  Flux), and ``diffusion_classifier`` noises the original model's image as ``(1 - s) z0 + s eps`` with
+  the target ``eps - z0``. A guidance-distilled Flux reads the pipeline's default guidance embedding.
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..pipelines.family import Context
+from ..pipelines.mmdit import denoiser
 from ..presets import concept_context
 from .engine import TrainConfig, Trainer
 from .esd import esd_target
@@ -188,7 +198,9 @@ def preset(pipe, concepts: list[str], config: AdvUnlearnConfig, ctx=None) -> dic
     attribute = any(attribute_form(c, config, ctx) for c in concepts)
     eta = (ctx.ask("advunlearn_attribute_eta") if attribute else None) or 1.0
     steps = config.steps or budget["steps"]
-    cuda = pipe.unet.device.type == "cuda"
+    cuda = denoiser(pipe).device.type == "cuda"
+    fm = _flow(pipe)
+    side = int(pipe.unet.config.sample_size) if fm is None else fm.latent
     return {
         "preset": name, "steps": steps, "lr": config.lr if config.lr is not None else budget["lr"],
         "k": config.k or budget["k"],
@@ -198,7 +210,7 @@ def preset(pipe, concepts: list[str], config: AdvUnlearnConfig, ctx=None) -> dic
         "gamma": config.gamma if config.gamma is not None else (0.3 if "nudity" in ctx.kinds else 0.5),
         "eta": config.eta if config.eta is not None else eta,
         "mixed_precision": config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if cuda else "no"),
-        "gradient_checkpointing": (int(pipe.unet.config.sample_size) > 32 if config.gradient_checkpointing is None
+        "gradient_checkpointing": (side > 32 if config.gradient_checkpointing is None
                                    else config.gradient_checkpointing),
     }
 
@@ -286,10 +298,13 @@ def trainable_params(pipe, config: AdvUnlearnConfig) -> dict:
 
 
 def check_inputs_embeds(adapter) -> None:
-    """Refuse text encoders that cannot be run from token embeddings (the attack variable lives there)."""
+    """Refuse text encoders that cannot be run from token embeddings (the attack variable lives there;
+    SD 3 / Flux: the CLIP encoders, T5 reads the plain prompt)."""
     from ..pipelines.family import encode_embeds
 
     for i, enc in enumerate(adapter.encoders):
+        if adapter.mmdit and not type(enc).__name__.startswith("CLIPTextModel"):
+            continue
         tokens = adapter.tokenize([""], which=i)
         try:
             table = enc.get_input_embeddings().weight
@@ -300,6 +315,35 @@ def check_inputs_embeds(adapter) -> None:
                 f"the pipeline's text encoder {type(enc).__name__} cannot be run from token embeddings "
                 f"(inputs_embeds: {type(e).__name__}: {e}); AdvUnlearn's attack lives in the token-embedding "
                 "space and needs a CLIP-style text encoder (transformers CLIPTextModel)") from None
+
+
+def _flow(pipe):
+    """The pipeline's :class:`~erasekit.pipelines.flow.FlowModel` (SD 3 / Flux, native size), None for a UNet."""
+    from ..pipelines.flow import FlowModel
+    from ..pipelines.mmdit import mmdit_family
+
+    return FlowModel(pipe) if mmdit_family(pipe) is not None else None
+
+
+@torch.no_grad()
+def flow_trajectories(fm, cond, uncond, z_T: torch.Tensor, guidance: float, steps: int, stop: int | None = None,
+                      autocast=None) -> dict:
+    """:func:`ddim_trajectories` for SD 3 / Flux: flow Euler on the pipeline's sigmas with the frozen transformer
+    (classifier-free guidance on SD 3, the conditional velocity on Flux); ``eps_c`` / ``eps_u`` are velocities
+    and ``timesteps`` the sigmas of the steps."""
+    from contextlib import nullcontext
+
+    sigmas, n, seen = fm.sigmas(steps), z_T.shape[0], []
+    ctx, z = Context.cat([uncond[[0] * n], cond]), z_T
+    for i in range(stop or steps):
+        with autocast() if autocast else nullcontext():
+            v_u, v_c = fm.predict(fm.transformer, torch.cat([z, z]), sigmas[i], ctx).chunk(2)
+        seen.append((z.float().cpu(), v_c.cpu(), v_u.cpu()))
+        v = v_c if fm.family == "flux" else v_u + guidance * (v_c - v_u)
+        z = z + (sigmas[i + 1] - sigmas[i]) * v.to(z.dtype)
+    z_all, eps_c, eps_u = (torch.stack(x, 1) for x in zip(*seen))
+    return {"z": z_all, "eps_c": eps_c, "eps_u": eps_u, "z0": None if stop is not None else z.float().cpu(),
+            "timesteps": sigmas[:stop or steps].cpu()}
 
 
 # -- the frozen model's latents: DDIM trajectories sampled once --------------------------------
@@ -358,12 +402,13 @@ class LatentPool:
     """
 
     def __init__(self, pipe, adapter, prompts: list[str], size: int, steps: int, guidance: float, seed: int,
-                 autocast=None, batch: int = 32, attributes: list[str] | None = None):
-        self.pipe, self.steps, self.guidance, self.autocast = pipe, steps, guidance, autocast
+                 autocast=None, batch: int = 32, attributes: list[str] | None = None, fm=None):
+        self.pipe, self.steps, self.guidance, self.autocast, self.fm = pipe, steps, guidance, autocast, fm
         self.cond, self.uncond = adapter.encode(prompts), adapter.encode([""])
         self.attr = adapter.encode(attributes) if attributes else None
-        unet = pipe.unet.config
-        self.shape = (unet.in_channels, unet.sample_size, unet.sample_size)
+        if fm is None:
+            unet = pipe.unet.config
+            self.shape = (unet.in_channels, unet.sample_size, unet.sample_size)
         self.gen = torch.Generator().manual_seed(seed)
         self.fresh = size == 0
         if not self.fresh:
@@ -381,13 +426,19 @@ class LatentPool:
         """eps_o(attribute text of each prompt) at latents ``z`` (frozen UNet), on the CPU in fp32."""
         from contextlib import nullcontext
 
-        dev = self.pipe.unet.device
+        dev = denoiser(self.pipe).device
         with self.autocast() if self.autocast else nullcontext():
+            if self.fm is not None:
+                return self.fm.predict(self.fm.transformer, z.to(dev), t.to(dev), self.attr[prompt_idx]).cpu()
             e = self.pipe.unet(z.to(dev, self.pipe.unet.dtype), t.to(dev),
                                **self.attr[prompt_idx].unet_kwargs(self.pipe)).sample
         return e.float().cpu()
 
     def _run(self, prompt_idx: list[int], stop: int | None = None, gen=None) -> dict:
+        if self.fm is not None:
+            z_T = self.fm.noise(len(prompt_idx), gen or self.gen)
+            return flow_trajectories(self.fm, self.cond[prompt_idx], self.uncond, z_T, self.guidance, self.steps,
+                                     stop, self.autocast)
         z_T = torch.randn((len(prompt_idx), *self.shape), generator=gen or self.gen).to(self.pipe.unet.device)
         return ddim_trajectories(self.pipe, self.cond[prompt_idx], self.uncond, z_T, self.guidance, self.steps,
                                  stop, self.autocast)
@@ -398,7 +449,7 @@ class LatentPool:
             data, rows = self._run(prompts, None if need_z0 else step + 1, gen), list(range(len(prompts)))
         else:
             data, rows = self.data, [self._pick(p, gen) for p in prompts]
-        dev = self.pipe.unet.device
+        dev = denoiser(self.pipe).device
         timesteps = data["timesteps"] if self.fresh else self.timesteps
         at = {k: data[k][rows, step].to(dev) for k in ("z", "eps_c", "eps_u")}
         z0 = None if data["z0"] is None else data["z0"][rows].to(dev)
@@ -423,6 +474,7 @@ class AdvUnlearnTrainer:
 
         self.pipe, self.adapter, self.config, self.r = pipe, adapter, config, resolved
         self.prompts, self.retain, self.attributes = prompts, retain, attributes
+        self.fm = _flow(pipe)
         self.prefix = PrefixPrompts(adapter, prompts, resolved["k"])
         self.per_prompt = [self.prefix.subset([i]) for i in range(len(prompts))]
         self.delta: list[torch.Tensor] | None = None
@@ -456,11 +508,23 @@ class AdvUnlearnTrainer:
         ctx = pp.encode(delta)
         if self.config.attack_loss == "esd_match":   # reproduce the original model's concept prediction
             z, t, target = d.z, d.t, d.eps_c
+        elif self.fm is not None:   # diffusion classifier, flow matching: x_s = (1 - s) z0 + s eps, v = eps - z0
+            from ..pipelines.flow import noisy, velocity
+
+            noise = torch.randn(d.z0.shape, generator=gen).to(d.z0.device)
+            t = self.fm.sample_sigmas(1, gen).to(d.z0.device)
+            z, target = noisy(d.z0, noise, t), velocity(d.z0, noise)
         else:   # diffusion classifier (UnlearnDiffAtk): denoise the original model's image of c_e
             noise = torch.randn(d.z0.shape, generator=gen).to(d.z0.device)
             t = torch.randint(self.noise_sched.config.num_train_timesteps, (1,), generator=gen).to(d.z0.device)
             z, target = self.noise_sched.add_noise(d.z0, noise, t), noise
-        return self.pipe.unet(z, t, **ctx.unet_kwargs(self.pipe)).sample, target
+        return self._predict(z, t, ctx), target
+
+    def _predict(self, z: torch.Tensor, t: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """The (frozen) denoiser on ``ctx``: the UNet's eps, or the transformer's velocity (SD 3 / Flux)."""
+        if self.fm is not None:
+            return self.fm.predict(self.fm.transformer, z, t, ctx)
+        return self.pipe.unet(z, t, **ctx.unet_kwargs(self.pipe)).sample
 
     # -- outer problem ----------------------------------------------------------------------------
     def retain_batch(self, it: int) -> list[int]:
@@ -490,7 +554,7 @@ class AdvUnlearnTrainer:
         else:
             ctx = self.adapter.encode_with_grad([self.retain[j] for j in r_idx])
             x = rd.z
-        pred = self.pipe.unet(x, d.t, **ctx.unet_kwargs(self.pipe)).sample.float()
+        pred = self._predict(x, d.t, ctx).float()
         l_r = F.mse_loss(pred[-len(r_idx):], rd.eps_c)
         if phase == 1:
             return self.r["gamma"] * l_r
@@ -504,15 +568,15 @@ class AdvUnlearnTrainer:
         from diffusers import DDPMScheduler
 
         steps = self.r["steps"] * (2 if self.config.retain_train == "iter" else 1)
-        self.noise_sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        with _unet_checkpointing(self.pipe.unet, self.r["gradient_checkpointing"]), \
+        self.noise_sched = DDPMScheduler.from_config(self.pipe.scheduler.config) if self.fm is None else None
+        with _unet_checkpointing(denoiser(self.pipe), self.r["gradient_checkpointing"]), \
                 Trainer(self.pipe, params, engine_cfg, steps=steps, lr=self.r["lr"]) as tr:
             seed = self.config.seed
             steps, guidance = self.r["ddim_steps"], self.config.guidance
             self.pool = LatentPool(self.pipe, self.adapter, self.prompts, self.config.pool_size, steps, guidance,
-                                   seed, tr.autocast, attributes=self.attributes)
+                                   seed, tr.autocast, attributes=self.attributes, fm=self.fm)
             self.retain_pool = LatentPool(self.pipe, self.adapter, self.retain, min(self.config.pool_size, 1), steps,
-                                          guidance, seed + 1, tr.autocast)
+                                          guidance, seed + 1, tr.autocast, fm=self.fm)
             tr.carry("attack", self._attack_state, lambda state: self._put_attack_state(state, tr.device))
             edit = tr.fit(lambda i: self.loss(i, tr.rng), manifest=self.manifest())
         losses = self.attack_losses
@@ -561,7 +625,8 @@ def _unet_checkpointing(unet, on: bool):
             unet.disable_gradient_checkpointing()
 
 
-@register("advunlearn", AdvUnlearnConfig, components=("text_encoder", "text_encoder_2"))
+@register("advunlearn", AdvUnlearnConfig, components=("text_encoder", "text_encoder_2"),
+          families=("sd1", "sd2", "sdxl", "sd3", "flux"))
 def advunlearn(pipe, concepts: list[str], config: AdvUnlearnConfig):
     """Erase ``concepts`` by adversarial training of the text encoder; the Edit holds only its weights.
 

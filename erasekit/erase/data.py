@@ -1,4 +1,6 @@
-"""Forget and retain image sets for fine-tuning methods, held as UNet-space latents with prompts.
+"""Forget and retain image sets for fine-tuning methods, held as UNet-space latents with prompts (SD 3 /
+Flux: the transformer's latents, Flux's packed into 2 x 2 patches as its pipeline returns them with
+``output_type="latent"``).
 
 Two sources (salun.md section 4):
 
@@ -93,14 +95,19 @@ def folder_set(pipe, folder: str | Path, default_prompt: str | None = None, batc
         else:
             raise ConfigError(f"{f.name} in the {name} folder has no caption: add {txt.name} beside it "
                               "or give prompts")
+    from ..pipelines.flow import FlowModel
+    from ..pipelines.mmdit import mmdit_family
+
     vae = pipe.vae
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    flow = FlowModel(pipe) if mmdit_family(pipe) is not None else None   # SD 3 / Flux: the transformer's layout
+    size = flow.size if flow is not None else pipe.unet.config.sample_size * pipe.vae_scale_factor
     scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
     parts = []
     for i in range(0, len(files), batch_size):
         x = torch.stack([_load_image(f, size) for f in files[i:i + batch_size]])
         mean = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
-        parts.append(((mean - shift) * scale).float().cpu())
+        latents = ((mean - shift) * scale).float()
+        parts.append((flow.pack(latents) if flow is not None else latents).cpu())
     digest = hashlib.sha256("".join(f.name for f in files).encode()).hexdigest()[:12]
     protocol = {"source": "folder", "path": str(folder), "images": len(files), "names_sha256": digest}
     return LatentSet(torch.cat(parts), prompts, protocol)

@@ -201,7 +201,8 @@ def _in_blocks(mod_name: str) -> bool:
 
 @_mmdit_set("esd-x", "text-side projections of every joint attention (add_q/k/v_proj, to_add_out)")
 def _mmdit_x(pipe):
-    return component_params(pipe, "transformer", lambda m, mod, n: isinstance(mod, nn.Linear) and m.endswith(_TEXT_SIDE))
+    return component_params(pipe, "transformer",
+                            lambda m, mod, n: isinstance(mod, nn.Linear) and m.endswith(_TEXT_SIDE))
 
 
 @_mmdit_set("esd-x-strict", "text key and value projections of every joint attention (add_k_proj, add_v_proj)")
@@ -239,7 +240,8 @@ def _clip_text_encoder_params(pipe, part: str) -> dict[str, nn.Parameter]:
 
 
 for _part, _name in (("full", "text-encoder-full"), ("attn", "text-encoder-attn"), ("ffn", "text-encoder-ffn")):
-    _MMDIT_SETS[_name] = (lambda pipe, _part=_part: _clip_text_encoder_params(pipe, _part), _SETS[_name][1] + " (CLIP only)")
+    _MMDIT_SETS[_name] = (lambda pipe, _part=_part: _clip_text_encoder_params(pipe, _part),
+                          _SETS[_name][1] + " (CLIP only)")
 
 
 def select_params(pipe, name: str) -> dict[str, nn.Parameter]:

@@ -32,6 +32,16 @@ Defaults (salun.md "Defaults (toolkit)"): full UNet, global top 50 %, w = 7.5, A
 weight decay, alpha 0.5, batch 8 + 8, 5 epochs over D_f, shuffled cycling loader.
 Deviations: generated sets keep the sampler's final latents instead of decoding and re-encoding
 them; one shared noisy latent serves both forget branches (the reference encodes two VAE samples).
+
+SD 3 / Flux (flow matching, :mod:`erasekit.pipelines.flow`): both terms use the model's own training
+loss, ``x_s = (1 - s) z0 + s eps`` with ``s = shift(t / T)``, ``t ~ U{1..T}`` (the scheduler's training
+grid and shift), and the velocity target ``v = eps - z0`` in place of eps: the saliency loss is
+``-MSE(v, (1 + w) v_theta(x_s, c_f) - w v_theta(x_s, ""))``, the forgetting term regresses
+``v_theta(x_s, c_f)`` onto the current model's ``v_theta(x_s, c')``, the retain term onto ``v``.
+The sets are generated with flow Euler (``data_steps``) at the native size; the mask is the global top
+``mask_ratio`` over the trained set (default ``full``: the whole transformer; ``esd-x`` etc. select the
+MMDiT sets of :mod:`~erasekit.erase.param_sets`). A guidance-distilled Flux reads its pipeline's default
+guidance embedding in every call.
 """
 
 from __future__ import annotations
@@ -145,9 +155,9 @@ def make_plan(concepts: list[str], config: SalUnConfig, ctx=None) -> Plan:
 
 
 def _image_sets(pipe, plan: Plan, config: SalUnConfig, opts: dict) -> tuple[LatentSet, LatentSet]:
-    from ..pipelines.generation import Sampling
+    from ..pipelines.generation import default_sampling
 
-    sampling = Sampling(steps=config.data_steps, guidance=config.data_guidance)
+    sampling = default_sampling(pipe, steps=config.data_steps, guidance=config.data_guidance)   # DDIM or flow Euler
     if config.forget_dir:
         forget = folder_set(pipe, config.forget_dir, plan.forget_prompts[0], name="forget")
     else:
@@ -195,6 +205,20 @@ class _Noiser:
         return x_t, t, (self.sched.get_velocity(z0, eps, t) if self.v_prediction else eps)
 
 
+class _FlowNoiser:
+    """x_s = (1 - s) z0 + s eps with ``s`` a training noise level of the flow-matching scheduler, and v = eps - z0."""
+
+    def __init__(self, fm):
+        self.fm = fm
+
+    def __call__(self, z0: torch.Tensor, gen: torch.Generator):
+        from ..pipelines.flow import noisy, velocity
+
+        sigma = self.fm.sample_sigmas(len(z0), gen).to(z0.device)
+        eps = torch.randn(z0.shape, generator=gen).to(z0.device)
+        return noisy(z0, eps, sigma), sigma, velocity(z0, eps)
+
+
 class _SalUnRun:
     """One SalUn run's data, prompt encodings and the two losses (mask pass, unlearning step)."""
 
@@ -210,8 +234,14 @@ class _SalUnRun:
         self.pseudo = {p: self.plan.pseudo_prompt(p) for p in set(self.forget.prompts)}
         texts = sorted(set(self.forget.prompts) | set(self.pseudo.values()) | set(self.retain.prompts) | {""})
         self.row = {p: i for i, p in enumerate(texts)}
-        self.ctx = FamilyAdapter(pipe).encode(texts)
-        self.noiser = _Noiser(pipe)
+        adapter = FamilyAdapter(pipe)
+        self.ctx = adapter.encode(texts)
+        self.flow = None
+        if adapter.mmdit:
+            from ..pipelines.flow import FlowModel
+
+            self.flow = FlowModel(pipe)   # the native size, at which the sets were made
+        self.noiser = _Noiser(pipe) if self.flow is None else _FlowNoiser(self.flow)
         self.steps = self.opts["steps"] or math.ceil(5 * len(self.forget) / config.batch_size)
 
     def trainer(self) -> Trainer:
@@ -220,12 +250,18 @@ class _SalUnRun:
     def cond(self, prompts: list[str]) -> dict:
         return self.ctx[torch.tensor([self.row[p] for p in prompts])].unet_kwargs(self.pipe)
 
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The model's prediction (UNet: eps or v as it was trained; SD 3 / Flux: the velocity)."""
+        if self.flow is None:
+            return self.pipe.unet(x_t, t, **self.cond(prompts)).sample
+        return self.flow.predict(self.pipe.transformer, x_t, t, self.ctx[torch.tensor([self.row[p] for p in prompts])])
+
     def mask_loss(self, tr: Trainer, i: int) -> torch.Tensor:
         b, w = self.config.batch_size, self.config.mask_guidance
         idx = torch.arange(i * b, min((i + 1) * b, len(self.forget)))
         z0, prompts = self.forget.batch(idx, tr.device)
         x_t, t, target = self.noiser(z0, tr.rng)
-        out = self.pipe.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), **self.cond(prompts + [""] * len(idx))).sample
+        out = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), prompts + [""] * len(idx))
         e_c, e_u = out.float().chunk(2)
         return -F.mse_loss((1 + w) * e_c - w * e_u, target)
 
@@ -235,15 +271,15 @@ class _SalUnRun:
         return saliency_mask(grads, self.config.mask_ratio)
 
     def loss(self, tr: Trainer, i: int) -> torch.Tensor:
-        b, unet, seed = self.config.batch_size, self.pipe.unet, self.config.seed
+        b, seed = self.config.batch_size, self.config.seed
         pos = i * tr.world + tr.rank
         z_f, p_f = self.forget.batch(cycle_indices(len(self.forget), b, pos, seed), tr.device)
         z_r, p_r = self.retain.batch(cycle_indices(len(self.retain), b, pos, seed + 1), tr.device)
         x_f, t_f, _ = self.noiser(z_f, tr.rng)
         x_r, t_r, target_r = self.noiser(z_r, tr.rng)
         with torch.no_grad():  # the c' target comes from the current model (not a frozen copy)
-            target_f = unet(x_f, t_f, **self.cond([self.pseudo[p] for p in p_f])).sample.float()
-        out = unet(torch.cat([x_f, x_r]), torch.cat([t_f, t_r]), **self.cond(p_f + p_r)).sample.float()
+            target_f = self.predict(x_f, t_f, [self.pseudo[p] for p in p_f]).float()
+        out = self.predict(torch.cat([x_f, x_r]), torch.cat([t_f, t_r]), p_f + p_r).float()
         return F.mse_loss(out[:b], target_f) + self.opts["alpha"] * F.mse_loss(out[b:], target_r)
 
     def manifest(self) -> dict:
@@ -262,7 +298,7 @@ def saliency(pipe, concepts: list[str], config: SalUnConfig | None = None) -> di
         return run.mask(tr)
 
 
-@register("salun", SalUnConfig, components=("unet",))
+@register("salun", SalUnConfig, components=("unet", "transformer"), families=("sd1", "sd2", "sdxl", "sd3", "flux"))
 def salun(pipe, concepts: list[str], config: SalUnConfig):
     """Erase ``concepts`` with SalUn; returns an Edit of the masked, trained weights (see module docstring)."""
     run = _SalUnRun(pipe, concepts, config)

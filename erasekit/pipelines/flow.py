@@ -128,7 +128,8 @@ class FlowModel:
         cfg = self.pipe.scheduler.config
         if not (self.family == "flux" or cfg.get("use_dynamic_shifting", False)):
             return None
-        tokens = (self.latent // 2) ** 2 if self.family == "flux" else (self.latent // self.transformer.config.patch_size) ** 2
+        patch = 2 if self.family == "flux" else self.transformer.config.patch_size   # Flux packs 2 x 2 patches
+        tokens = (self.latent // patch) ** 2
         return calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                                cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
 
@@ -142,6 +143,12 @@ class FlowModel:
             return FlowMatchEulerDiscreteScheduler.from_config(cfg).time_shift(self._mu(), 1.0, u)
         shift = float(cfg.get("shift", 1.0))
         return shift * u / (1 + (shift - 1) * u)
+
+    def sample_sigmas(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` training noise levels: ``t ~ U{1..T}``, ``sigma = shifted(t / T)`` (the scheduler's training grid
+        with its shift: what diffusers' SD 3 / Flux training scripts draw with uniform weighting)."""
+        t = torch.randint(1, self.n_train + 1, (n,), generator=generator)
+        return self.shifted(t.float() / self.n_train)
 
     # -- calling the transformer ------------------------------------------------------------------------
     def kwargs(self, z: torch.Tensor, sigma: torch.Tensor | float, ctx) -> dict:

@@ -83,7 +83,7 @@ class PrefixPrompts:
     """A batch of prompts with ``k`` token slots right after SOT, for every text encoder of a pipeline.
 
     Args:
-        pipe: a Stable Diffusion pipeline (SD 1.x, SD 2.x, SDXL) or a :class:`FamilyAdapter`.
+        pipe: a Stable Diffusion pipeline (SD 1.x, SD 2.x, SDXL, SD 3, Flux) or a :class:`FamilyAdapter`.
         prompts: the prompts to prefix.
         k: number of slots (1 <= k <= 75 - longest prompt's token count).
 
