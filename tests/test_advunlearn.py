@@ -148,6 +148,16 @@ def test_edit_holds_only_text_encoder_layers_and_pipeline_is_unchanged(tiny_pipe
         assert any(k.startswith("text_encoder_2/") for k in edit.keys)
 
 
+def test_half_precision_pipeline_trains_with_mixed_precision_and_stays_half(tiny_sd1):
+    """The trainer keeps fp32 copies of the trained encoder weights beside the frozen bf16 ones; every
+    encoding (the latent pool's too) runs under its autocast, and the pipeline comes back in bf16."""
+    half = tiny_sd1.to(torch.bfloat16)
+    before = _state(half.text_encoder)
+    edit = erasekit.erase(half, "advunlearn", ["Van Gogh"], mixed_precision="bf16", **FAST)
+    assert edit.keys and all(k.startswith("text_encoder/") for k in edit.keys)
+    assert half.text_encoder.dtype == torch.bfloat16 and _same(before, _state(half.text_encoder))
+
+
 def test_layer_subset_attention_only_and_first_encoder(clip_tokenizer_dir):
     from conftest import build_tiny
 

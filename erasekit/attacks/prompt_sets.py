@@ -18,10 +18,10 @@ def attack_prompt_set(pipe, prompts: list[str], seeds: list[int], guidance: list
     """``attack(pipe, prompts, concept, seeds=seeds, ...)`` with prompt i generated at ``guidance[i]``
     (None or empty: ``sampling.guidance`` for every prompt). ``kwargs`` go to :func:`attack`."""
     from ..errors import ConfigError
-    from ..pipelines.generation import Sampling
+    from ..pipelines.generation import default_sampling
     from . import attack
 
-    sampling = sampling or Sampling()
+    sampling = sampling or default_sampling(pipe)
     if not guidance:
         return attack(pipe, prompts, concept, judge=judge, seeds=seeds, sampling=sampling, **kwargs)
     if len(guidance) != len(prompts):

@@ -42,3 +42,23 @@ SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
 )
+
+# canvas-mini-mmdit: Stable Diffusion 3 in miniature on the same world and the same 16 x 16 x 4 latents
+# (canvas-mini's VAE). Its text encoders are the world's two trained CLIP text towers, frozen, as SD 3
+# keeps CLIP-L and OpenCLIP-G frozen: canvas-mini's (width 64, SD 3's CLIP-L role, pads with EOS) and
+# the canvas CLIP's (width 32, CLIP-G's role, pads with "!"); no T5 (its rows are zeros). So the joint
+# attention reads 64 + 32 = 96-wide rows and the pooled vector is 64 + 64 = 128 wide.
+MMDIT_TEXT_DIM = TEXT_DIM + 32
+MMDIT_POOLED_DIM = TEXT_DIM + 64
+
+MMDIT_TRANSFORMER = dict(
+    sample_size=LATENT_SIZE, patch_size=2, in_channels=4, out_channels=4,
+    num_layers=4, attention_head_dim=32, num_attention_heads=3,
+    joint_attention_dim=MMDIT_TEXT_DIM, caption_projection_dim=96, pooled_projection_dim=MMDIT_POOLED_DIM,
+    # The stored position table covers the 8 x 8 patch grid only (SD 3's 96 x 96 table would be 3.5 MB).
+    pos_embed_max_size=LATENT_SIZE // 2,
+)
+
+# Rectified flow as SD 3 trains and samples it; shift 1 (no shift) fits 64 image tokens, far fewer
+# than the 4,096 at which SD 3 uses shift 3.
+MMDIT_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0)

@@ -240,6 +240,7 @@ def _attack_prompt_set(args, out: Output, edit) -> int:
     pipe, _ = _load_pipe(args, out, edit.manifest if edit else None)
     if edit is not None:
         edit.check(pipe)
+    protocol = _fit_sampler(protocol, pipe, out)
     out.info(f"attacking nudity on {len(protocol.prompts)} prompt(s) of {protocol.source} with {args.attack} ...")
     result = attack_prompt_set(pipe, list(protocol.prompts), list(protocol.prompt_seeds),
                                list(protocol.prompt_guidance), "nudity", judge=judge, sampling=protocol.sampling,
@@ -266,6 +267,7 @@ def cmd_eval(args, out: Output) -> int:
         edit.check(pipe)
     judge = load_judge(args.judge)
     targets = args.target or list(protocol.targets) or (edit.manifest.get("concepts") if edit is not None else None)
+    _fit_sampler(protocol, pipe, out)   # says so when the sampler changes; evaluate() records it in the report
     out.info(f"evaluating ({args.protocol}) ...")
     report = evaluate(pipe, edit=edit, protocol=protocol, targets=targets, judge=judge,
                       out_dir=folder, progress=out.progress, edit_path=args.edit)
@@ -274,6 +276,16 @@ def cmd_eval(args, out: Output) -> int:
     out.result({"out": str(args.out), **summary, "figures": [str(p) for p in figures]},
                [f"evaluation ({args.protocol}): " + format_scores(summary), f"  wrote {args.out}", figure_line])
     return EXIT_OK
+
+
+def _fit_sampler(protocol, pipe, out: Output):
+    """The protocol with the pipeline's kind of sampler (flow_euler on SD 3 / Flux), saying so when it changed."""
+    from ..eval.protocol import for_pipeline
+
+    protocol, note = for_pipeline(protocol, pipe)
+    if note:
+        out.info(note)
+    return protocol
 
 
 def _report_figures(report, folder: Path) -> tuple[list[Path], str]:

@@ -404,8 +404,10 @@ class LatentPool:
     def __init__(self, pipe, adapter, prompts: list[str], size: int, steps: int, guidance: float, seed: int,
                  autocast=None, batch: int = 32, attributes: list[str] | None = None, fm=None):
         self.pipe, self.steps, self.guidance, self.autocast, self.fm = pipe, steps, guidance, autocast, fm
-        self.cond, self.uncond = adapter.encode(prompts), adapter.encode([""])
-        self.attr = adapter.encode(attributes) if attributes else None
+        # under the trainer's autocast: a half-precision encoder has fp32 trainable weights beside half ones
+        with autocast() if autocast else nullcontext():
+            self.cond, self.uncond = adapter.encode(prompts), adapter.encode([""])
+            self.attr = adapter.encode(attributes) if attributes else None
         if fm is None:
             unet = pipe.unet.config
             self.shape = (unet.in_channels, unet.sample_size, unet.sample_size)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .grids import grid_items, target_grids
-from .protocol import Protocol, get_protocol
+from .protocol import Protocol, for_pipeline, get_protocol
 from .report import Report, environment
 from .runner import Records, Runner, default_cache_dir
 from .scoring import clip_scores, fid_scores, grid_scores, label_map, rate_scores
@@ -44,7 +44,9 @@ def evaluate(pipe, edit=None, protocol: str | Protocol = "canvas-lite", targets=
     Args:
         pipe: the base pipeline (left unchanged).
         edit: an :class:`~erasekit.Edit`; None evaluates the base model itself.
-        protocol: ``"canvas-lite"`` (default), ``"canvas"``, ``"unlearncanvas"``, or a Protocol.
+        protocol: ``"canvas-lite"`` (default), ``"canvas"``, ``"unlearncanvas"``, or a Protocol. On a
+            flow-matching pipeline (SD 3, Flux) its DDPM sampler is replaced by ``flow_euler`` at its steps
+            and guidance (:func:`~erasekit.eval.protocol.for_pipeline`); the report records the sampler used.
         targets: the erased concepts (default: ``edit.manifest["concepts"]``).
         judge: default the canvas judge on canvas protocols; ``ClassifierJudge.unlearncanvas(...)``
             for ``unlearncanvas``; ``NudeNetJudge()`` for nudity prompt sets.
@@ -97,7 +99,7 @@ def evaluate(pipe, edit=None, protocol: str | Protocol = "canvas-lite", targets=
     report = Report(
         protocol=s.protocol.to_dict(), judge=s.judge.describe(), targets=s.names,
         method=edit.manifest.get("method", "edit") if edit is not None else "original",
-        model={"hash_original": _pipe_id(pipe), "dtype": str(pipe.unet.dtype).replace("torch.", "")},
+        model={"hash_original": _pipe_id(pipe), "dtype": _dtype(pipe)},
         scores=_scores(s, edited, base if edit is not None else None),
         baseline=_scores(s, base, None) if (edit is not None and base is not None) else None,
         edit={k: edit.manifest.get(k) for k in ("method", "concepts", "config", "erasekit_version")} if edit else None,
@@ -114,16 +116,16 @@ def evaluate(pipe, edit=None, protocol: str | Protocol = "canvas-lite", targets=
 # ---------------------------------------------------------------------------------------------
 def _setup(pipe, protocol, targets, judge, fid, clip, fid_reference, cache_dir, on_missing, image_dir,
            progress) -> _Setup:
-    protocol = get_protocol(protocol)
+    protocol, sampler_note = for_pipeline(get_protocol(protocol), pipe)   # flow_euler on SD 3 / Flux
     if on_missing not in ("fail", "count"):
         raise ConfigError(f"on_missing must be 'fail' or 'count' but is {on_missing!r}")
-    dtype = str(pipe.unet.dtype).replace("torch.", "")
+    dtype = _dtype(pipe)
     if protocol.dtype is not None and protocol.dtype != dtype:
         raise ConfigError(f"protocol {protocol.name!r} runs in {protocol.dtype} but the pipeline is {dtype}: load it "
                           f"with load_pipeline(..., dtype={protocol.dtype!r}) or use protocol.with_(dtype=None)")
     judge = judge or _default_judge(protocol)
     resolved, names = _resolve_targets(judge, protocol, targets)
-    notes = []
+    notes = [sampler_note] if sampler_note else []
     encoder = _clip_encoder(clip, protocol, notes, "CLIP score")
     space = _feature_space(fid, protocol, encoder, notes)
     runner = Runner(protocol, judge, space, encoder, progress, on_missing, image_dir, cpu=_on_cpu(pipe))
@@ -137,8 +139,17 @@ def _setup(pipe, protocol, targets, judge, fid, clip, fid_reference, cache_dir, 
 
 
 def _on_cpu(pipe) -> bool:
-    param = next(iter(pipe.unet.parameters()), None)
+    from ..pipelines.mmdit import denoiser
+
+    param = next(iter(denoiser(pipe).parameters()), None)
     return param is None or param.device.type == "cpu"
+
+
+def _dtype(pipe) -> str:
+    """The dtype of the pipeline's denoiser (the UNet, or the transformer of SD 3 / Flux), e.g. ``float32``."""
+    from ..pipelines.mmdit import denoiser
+
+    return str(denoiser(pipe).dtype).replace("torch.", "")
 
 
 def _default_judge(protocol: Protocol):

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..canvas.world import CAPTION_TEMPLATE, OBJECTS, STYLES
 from ..errors import ConfigError
-from ..pipelines.generation import Sampling
+from ..pipelines.generation import FLOW_SAMPLERS, Sampling, is_flow_matching
 
 UNLEARNCANVAS_SEEDS = (188, 288, 588, 688, 888)
 UNLEARNCANVAS_THEMES = (
@@ -201,6 +201,31 @@ def get_protocol(protocol: str | Protocol, prompts=None) -> Protocol:
         raise ConfigError(f"protocol must be one of {sorted(PRESETS) + ['nudity']} or a Protocol but is "
                           f"{protocol!r}") from None
 
+
+def for_pipeline(protocol: Protocol, pipe) -> tuple[Protocol, str | None]:
+    """``protocol`` as ``pipe`` samples it, and a note when its sampler had to change (else None).
+
+    Protocols name a DDPM sampler (``ddim``), which would make noise on a flow-matching model (SD 3,
+    Flux). There the protocol's DDPM sampler is replaced by the family's flow sampler, ``flow_euler``,
+    with the protocol's steps, guidance, size and batch size, and the returned protocol records
+    ``flow_euler``, so a report never claims a sampler it did not use. On Flux the guidance is the
+    pipeline's ``guidance_scale``: the guidance embedding of a guidance-distilled model (FLUX.1-dev),
+    unused by one without it. A flow sampler on a DDPM model has no such counterpart and is refused.
+    """
+    sampler = protocol.sampling.sampler
+    flow = is_flow_matching(pipe)
+    if flow == (sampler in FLOW_SAMPLERS):
+        return protocol, None
+    if not flow:
+        raise ConfigError(f"protocol {protocol.name!r} samples with {sampler!r}, a flow-matching sampler, but "
+                          f"{type(pipe).__name__} has a DDPM scheduler: give the protocol a DDPM sampler "
+                          "(protocol.with_(sampling=Sampling('ddim', ...)))")
+    sampling = replace(protocol.sampling, sampler=FLOW_SAMPLERS[0])
+    note = (f"sampler: protocol {protocol.name!r} names {sampler!r}, a DDPM sampler; this flow-matching "
+            f"{type(pipe).__name__} samples it with {FLOW_SAMPLERS[0]!r} at the protocol's {sampling.steps} steps "
+            f"and guidance {sampling.guidance} (the protocol recorded here says {FLOW_SAMPLERS[0]!r}); its numbers "
+            "compare with other flow-matching runs of this protocol, not with DDIM ones")
+    return protocol.with_(sampling=sampling), note
 
 # -- prompt CSVs (I2P format) -------------------------------------------------------------------------
 PROMPT_COLUMNS = ("prompt",)

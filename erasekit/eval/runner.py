@@ -102,8 +102,14 @@ def weights_hash(*modules) -> str:
     return h.hexdigest()[:20]
 
 
+PIPELINE_MODULES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+"""The components whose weights make a pipeline's images (a family lacks some: those are skipped, so a UNet
+pipeline's digest is the same whether or not the MMDiT names are listed)."""
+
+
 def pipeline_hash(pipe) -> str:
-    return weights_hash(*(getattr(pipe, n, None) for n in ("unet", "text_encoder", "text_encoder_2", "vae")))
+    """Digest of the weights of the pipeline's :data:`PIPELINE_MODULES` (the cache key of its records)."""
+    return weights_hash(*(getattr(pipe, n, None) for n in PIPELINE_MODULES))
 
 
 def object_hash(obj) -> str:

@@ -42,6 +42,19 @@ def _has_safety_checker(folder: Path) -> bool:
         return True   # unreadable: from_pretrained reports it
 
 
+def _absent_components(folder: Path) -> dict:
+    """``{name: None}`` for each component that ``folder``'s model_index.json records as absent (``[null, null]``),
+    such as the T5 of an SD 3 folder saved without it: diffusers loads a pipeline only when every component of
+    its class is there or passed."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
+
+
 def load_pipeline(name_or_path: str | os.PathLike = "canvas-mini", dtype: str | torch.dtype = "float32",
                   device: str | torch.device = "cpu"):
     """Load a Stable Diffusion pipeline (SD 1.x, SD 2.x, SDXL, SD 3 / 3.5, Flux or ``canvas-mini``).
@@ -82,6 +95,8 @@ def load_pipeline(name_or_path: str | os.PathLike = "canvas-mini", dtype: str | 
     checker = {"safety_checker": None, "requires_safety_checker": False}
     if local and not _has_safety_checker(source):   # SDXL, SD 3, Flux: no checker to switch off
         checker = {}
+    if local:
+        checker = {**_absent_components(source), **checker}
     try:
         pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local, **checker, **kwargs)
     except TypeError:  # pipelines without a safety checker argument (SDXL)
