@@ -87,19 +87,24 @@ def _load_vae(run: Path):
 
 
 @torch.no_grad()
+def encode_posteriors(vae, data, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, std) of every training image, encoded ``batch`` images at a time."""
+    means, stds = [], []
+    for i in range(0, len(data), batch):
+        post = vae.encode(_to_tensor(data.images[i:i + batch])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
 def encode_latents(run: Path, data: CanvasSet) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Posterior mean and std of every training image, and the scaling factor 1 / std(z)."""
     path = run / "latents.safetensors"
     if path.exists():
         t, meta = load_tensors(path)
         return t["mean"], t["std"], float(meta["scaling_factor"])
-    vae = _load_vae(run)
-    means, stds = [], []
-    for i in range(0, len(data), 256):
-        post = vae.encode(_to_tensor(data.images[i:i + 256])).latent_dist
-        means.append(post.mean)
-        stds.append(post.std)
-    mean, std = torch.cat(means), torch.cat(stds)
+    mean, std = encode_posteriors(_load_vae(run), data)
     scaling = float(1.0 / (mean + std * torch.randn_like(std)).std())
     save_tensors(path, {"mean": mean, "std": std}, {"scaling_factor": repr(scaling)})
     return mean, std, scaling

@@ -144,19 +144,14 @@ def build_pipeline(transformer, shift_factor: float = 0.0, encoders=None, vae=No
 @torch.no_grad()
 def encode_latents(run: Path, data, vae) -> tuple[torch.Tensor, torch.Tensor, float]:
     """VAE posterior mean and std of every training image (cached), and the latents' mean (SD 3's shift)."""
-    from .train import _to_tensor
+    from .train import encode_posteriors
 
     path = run / "mmdit_latents.safetensors"
     if path.exists():
         t, meta = load_tensors(path)
         if len(t["mean"]) == len(data):
             return t["mean"], t["std"], float(meta["shift_factor"])
-    means, stds = [], []
-    for i in range(0, len(data), 256):
-        post = vae.encode(_to_tensor(data.images[i:i + 256])).latent_dist
-        means.append(post.mean)
-        stds.append(post.std)
-    mean, std = torch.cat(means), torch.cat(stds)
+    mean, std = encode_posteriors(vae, data)
     shift = float(mean.mean())
     save_tensors(path, {"mean": mean, "std": std}, {"shift_factor": repr(shift)})
     return mean, std, shift
