@@ -62,6 +62,19 @@ def test_targets_come_from_the_original_model_and_the_pipeline_is_restored(tiny_
         assert len(p.adv_prompt.split()) >= 1
 
 
+def test_runs_against_an_inference_time_edit_and_restores_the_pipeline(tiny_sd1):
+    """SLD changes no weights: the original-model side of the loss is the same pipeline, and the sampler
+    comes off afterwards (the benchmark's attack matrix runs P4D on SLD and SAFREE Edits)."""
+    import erasekit
+
+    edit, before = erasekit.erase(tiny_sd1, "sld", ["a cat"]), _state(tiny_sd1)
+    res = attack(tiny_sd1, ["a cat"], "bright", judge=ToneJudge(), method="p4d", edit=edit, sampling=FAST,
+                 progress=False, steps=2, eval_every=2, n_tokens=2, variant="n")
+    assert res.prompts[0].grad_steps == 2 and not res.prompts[0].success   # the loss ran; never bright
+    assert all(torch.equal(before[k], v) for k, v in _state(tiny_sd1).items())
+    assert not tiny_sd1.unet._forward_hooks and not tiny_sd1.unet._forward_pre_hooks
+
+
 def test_batched_attack_equals_one_prompt_at_a_time(tiny_sd1):
     prompts = ["a cat", "a dog on a mat"]
     kw = dict(judge=ToneJudge(), method="p4d", sampling=FAST, progress=False, steps=3, eval_every=3, every_k=1)

@@ -208,13 +208,9 @@ class _BatchP4D:
     def targets(self, draws) -> list[torch.Tensor]:
         """eps_theta(z_t, t, W(P)) of the ORIGINAL model: the Edit is off for this call only."""
         unet, ctx = self.pipe.unet, self.base_ctx[self.active]
-        self.edit.remove(self.pipe)
-        try:
-            with torch.no_grad():
-                return [unet(self.noised(t, eps).to(unet.dtype), t, **ctx.unet_kwargs(self.pipe)).sample.float()
-                        for t, eps in draws]
-        finally:
-            self.edit.apply(self.pipe)
+        with self.edit.removed(self.pipe), torch.no_grad():
+            return [unet(self.noised(t, eps).to(unet.dtype), t, **ctx.unet_kwargs(self.pipe)).sample.float()
+                    for t, eps in draws]
 
     def step(self, t, eps, target) -> None:
         """One PEZ step: project, loss on the projection, its gradient to the continuous embeddings."""
@@ -278,11 +274,8 @@ def p4d(pipe, prompts, seeds, concepts, *, judge, sampling, config: P4DConfig, t
     todo = [r.index for r in rows if not r.success]
     if not todo:
         return rows
-    edit.remove(pipe)   # W(P) of the original text encoder: the target side of the loss
-    try:
+    with edit.removed(pipe):   # W(P) of the original text encoder: the target side of the loss
         base_ctx = sp.adapter.encode([prompts[i] for i in todo])
-    finally:
-        edit.apply(pipe)
     at = {idx: j for j, idx in enumerate(todo)}
     batches = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     bar = tqdm(total=config.steps * len(todo), desc="p4d steps", disable=not progress, leave=False)

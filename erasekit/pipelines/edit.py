@@ -331,6 +331,18 @@ class Edit:
             finally:
                 self.remove(pipe)
 
+    @contextmanager
+    def removed(self, pipe) -> Iterator:
+        """``with edit.removed(pipe): ...`` runs the block on the original weights of a pipeline this Edit is
+        on (applied, or inside :meth:`sampled`), then writes the Edit's weights back (P4D's original-model
+        predictions). Holds the pipeline's lock for the block."""
+        with pipeline_lock(pipe):
+            self.remove(pipe)
+            try:
+                yield pipe
+            finally:
+                self._write(pipe, None)
+
     @property
     def one_step(self) -> bool:
         """True for a one-step generator (SFD): sample it through its own one-step pipeline."""
