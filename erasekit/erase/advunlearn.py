@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,7 +331,6 @@ def flow_trajectories(fm, cond, uncond, z_T: torch.Tensor, guidance: float, step
     """:func:`ddim_trajectories` for SD 3 / Flux: flow Euler on the pipeline's sigmas with the frozen transformer
     (classifier-free guidance on SD 3, the conditional velocity on Flux); ``eps_c`` / ``eps_u`` are velocities
     and ``timesteps`` the sigmas of the steps."""
-    from contextlib import nullcontext
 
     sigmas, n, seen = fm.sigmas(steps), z_T.shape[0], []
     ctx, z = Context.cat([uncond[[0] * n], cond]), z_T
@@ -357,7 +356,6 @@ def ddim_trajectories(pipe, cond, uncond, z_T: torch.Tensor, guidance: float, st
     of the CFG step, so the ESD target and the retain target cost nothing extra), ``z0``: the final
     latent (None with ``stop``) and ``timesteps``: S.
     """
-    from contextlib import nullcontext
 
     from .esd import _ddim, sample_partway
 
@@ -426,8 +424,7 @@ class LatentPool:
     @torch.no_grad()
     def _frozen_attr(self, z: torch.Tensor, t: torch.Tensor, prompt_idx: list[int]) -> torch.Tensor:
         """eps_o(attribute text of each prompt) at latents ``z`` (frozen UNet), on the CPU in fp32."""
-        from contextlib import nullcontext
-
+    
         dev = denoiser(self.pipe).device
         with self.autocast() if self.autocast else nullcontext():
             if self.fm is not None:
