@@ -21,8 +21,9 @@ soon as it finishes; a rerun skips finished jobs, and long erasures resume from 
   (its default configuration) on the target's captions for the first 5 objects (or styles) at seed
   0, target images from the original model. ASR includes pre-ASR (UnlearnDiffAtk's definition).
 - ``attacks/<method>/<target>`` (with ``--attacks``): Ring-A-Bell, P4D-K and concept inversion
-  (:data:`ATTACKS`, budgets in :data:`ATTACK_BUDGETS`) on the cell's Edit (loaded from ``OUT/edits/``, or made again the same way when
-  the cell ran in another folder), on the same prompts and seeds as the cell's UnlearnDiffAtk.
+  (:data:`ATTACKS`, budgets in :data:`ATTACK_BUDGETS`) on the cell's Edit (loaded from ``OUT/edits/``,
+  or made again the same way when the cell ran in another folder), on the same prompts and seeds as
+  the cell's UnlearnDiffAtk.
 - ``sequential/<method>``: the 5 styles of ``SEQUENCE`` erased one after another
   (:func:`erasekit.workflows.sequential`), scored after each step.
 - ``ratio/closed_form`` (UCE / RECE edit time on the SD 1.4 architecture, random weights) and
@@ -76,7 +77,6 @@ BOOTSTRAP = {"resamples": 2000, "seed": 0}
 FIGURES = ROOT / "docs" / "figures"
 SFD_STAGE1 = {"iterations": 400, "forget_batch_size": 0, "distill_iterations": 0}
 SFD_OPTIONS = {"iterations": 200}
-# rough CPU seconds of each job on one core, only to order the work (longest first)
 # the other attacks, each run on every cell's Edit (job ``attacks/<method>/<target>``), on the cell's
 # attacked prompts and seeds; budgets cut from the papers' (P4D 3,000 steps, concept inversion 5,000) to
 # the ones measured on canvas-mini in docs/methods/p4d.md and concept_inversion.md
@@ -85,6 +85,7 @@ ATTACK_BUDGETS = {"ring_a_bell": {}, "p4d": {"steps": 200, "eval_every": 50},
                   "concept_inversion": {"steps": 100, "eval_every": 25}}
 ATTACK_NAMES = {"unlearndiffatk": "UnlearnDiffAtk", "ring_a_bell": "Ring-A-Bell", "p4d": "P4D-K",
                 "concept_inversion": "concept inversion"}
+# rough CPU seconds of each job on one core, only to order the work (longest first)
 COST = {"uce": 90, "rece": 110, "esd": 250, "salun": 190, "advunlearn": 320, "sfd": 360, "mace": 150, "ca": 250,
         "fmn": 120, "spm": 200, "sld": 200, "safree": 150}
 
@@ -615,8 +616,7 @@ def attack_lines(doc: dict) -> list[str]:
              + " | strongest (minus UnlearnDiffAtk, p) |", "|---|---|" + "---|" * len(attacks) + "---|"]
     for r in rows:
         best, test = _strongest(r)
-        cells = [f"{_fmt_ci(r['attacks'][a]['ASR'], r['attacks'][a]['ASR_ci'])}, {_fmt(r['attacks'][a]['unet_evals'], 0)}"
-                 for a in attacks]
+        cells = [f"{_fmt_ci(x['ASR'], x['ASR_ci'])}, {_fmt(x['unet_evals'], 0)}" for x in (r["attacks"][a] for a in attacks)]
         verdict = ATTACK_NAMES.get(best, best) + ("" if test is None else f" ({test.format()})")
         lines.append(f"| {r['method']} | {_fmt_ci(r['pre_ASR'], r['pre_ASR_ci'])} | " + " | ".join(cells)
                      + f" | {verdict} |")
