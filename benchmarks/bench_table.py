@@ -2,7 +2,7 @@
 
     python benchmarks/bench_table.py                       # everything: 2 worker processes, resumable
     python benchmarks/bench_table.py --methods uce rece    # some methods (and the original row)
-    python benchmarks/bench_table.py --attacks ring_a_bell p4d concept_inversion   # + the attack matrix
+    python benchmarks/bench_table.py --attacks             # without the attack matrix (or name some attacks)
     python benchmarks/bench_table.py --render              # rebuild table.md / table.json from finished jobs
     python benchmarks/bench_table.py --docs                # the page's table and docs/figures/ from cpu.json
     python benchmarks/bench_table.py --preset canvas --out benchmarks/results/table-canvas   # the canvas rerun
@@ -20,7 +20,7 @@ soon as it finishes; a rerun skips finished jobs, and long erasures resume from 
   features, FID against held-out renders of the non-target cells), and attack with UnlearnDiffAtk
   (its default configuration) on the target's captions for the first 5 objects (or styles) at seed
   0, target images from the original model. ASR includes pre-ASR (UnlearnDiffAtk's definition).
-- ``attacks/<method>/<target>`` (with ``--attacks``): Ring-A-Bell, P4D-K and concept inversion
+- ``attacks/<method>/<target>`` (the attack matrix; ``--attacks`` picks which): Ring-A-Bell, P4D-K and concept inversion
   (:data:`ATTACKS`, budgets in :data:`ATTACK_BUDGETS`) on the cell's Edit (loaded from ``OUT/edits/``,
   or made again the same way when the cell ran in another folder), on the same prompts and seeds as
   the cell's UnlearnDiffAtk.
@@ -622,13 +622,31 @@ def attack_lines(doc: dict) -> list[str]:
                      + f" | {verdict} |")
     budgets = "; ".join(f"{ATTACK_NAMES.get(a, a)} {', '.join(f'{k} {v}' for k, v in b.items()) or 'its preset'}"
                         for a, b in ATTACK_BUDGETS.items() if a in attacks)
+    remade, agree = _remade_edits(doc)
     lines += ["", "Every attack on the same prompts and seeds as UnlearnDiffAtk's column of the table above (the "
               "cell's attacked captions), on the cell's Edit. ASR includes pre-ASR; 95 % Wilson intervals over the "
               "pooled prompts of the 8 targets; UNet evals: mean UNet forward passes per prompt (CFG counts two; "
               "Ring-A-Bell's text-encoder search is not counted). Budgets: " + budgets + ". Strongest: the "
               "highest ASR, tested against UnlearnDiffAtk on the same prompts (exact McNemar) where both "
-              "recorded per-prompt outcomes, else by a sign-flip test over the targets."]
+              "recorded per-prompt outcomes, else by a sign-flip test over the targets."
+              + (f" The attack job made the cell's Edit again where the cell's run had not kept it ({remade} of "
+                 f"{sum(len(_cells(doc, r['method'])) for r in rows)} Edits); as a check that it is the same Edit, "
+                 f"the attacks' pre-ASR (the unmodified prompts, same seeds) equals the cell's on {agree} of those "
+                 f"{remade}." if remade else "")]
     return lines
+
+
+def _remade_edits(doc: dict) -> tuple[int, int]:
+    """Attack jobs that made their cell's Edit again, and how many of them reproduce the cell's pre-ASR
+    under every attack (the same prompts and seeds, unattacked: a changed Edit would likely differ)."""
+    remade = agree = 0
+    for name, job in doc["jobs"].items():
+        if not name.startswith("attacks/") or not job.get("edit_remade"):
+            continue
+        cell = doc["jobs"].get(f"cell/{job['method']}/{job['target']}")
+        remade += 1
+        agree += cell is not None and all(a["pre_ASR"] == cell["pre_ASR"] for a in job["attacks"].values())
+    return remade, agree
 
 
 # -- the papers' claims, decided by paired tests -----------------------------------------------------
@@ -852,8 +870,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "table",
                     help="results folder (jobs/, edits/, checkpoints/, cache/, table.json, table.md)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--attacks", nargs="*", default=[], choices=ATTACKS,
-                    help="attacks run on every cell's Edit besides UnlearnDiffAtk (the attack matrix; default none)")
+    ap.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=ATTACKS,
+                    help="attacks run on every cell's Edit besides UnlearnDiffAtk (the attack matrix; default all of them; "
+                         "--attacks alone: none)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes (one job each at a time)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--styles", nargs="*", default=list(STYLES), help="style targets (the benchmark page's table: the default)")
