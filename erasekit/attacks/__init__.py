@@ -25,8 +25,8 @@ METHODS = {
     "concept_inversion": ("concept_inversion", "ConceptInversionConfig", "concept_inversion", True),
     "ring_a_bell": ("ring_a_bell", "RingABellConfig", "ring_a_bell", False),
 }
-MMDIT_ATTACKS = ("unlearndiffatk", "none", "seed_search", "random_prefix")
-"""The attacks that run on SD 3 / Flux; the others call a UNet (refused there with a ConfigError)."""
+MMDIT_ATTACKS = ("unlearndiffatk", "none", "seed_search", "random_prefix", "p4d")
+"""The attacks that run on SD 3 / Flux (docs/backbones.md); any other is refused there with a ConfigError."""
 _LAZY = {"AttackResult": "result", "PromptAttack": "result", "ASR_DEFINITION": "result",
          "PrefixPrompts": "erasekit.pipelines.prefix", "attack_vocabulary": "erasekit.pipelines.prefix",
          "UnlearnDiffAttackConfig": "unlearndiffatk",
