@@ -106,3 +106,76 @@ def test_p4d_runs_with_the_flow_matching_loss_against_the_original_model(mmdit):
 def test_p4d_refuses_without_the_edit_on_mmdit(mmdit):
     with pytest.raises(ConfigError, match="needs the erasure as an Edit"):
         attack(mmdit, ["a cat"], "bright", judge=ToneJudge(), method="p4d", progress=False)
+
+
+# -- concept inversion -----------------------------------------------------------------------------------------
+def test_learned_token_encodes_as_its_vector_in_every_encoder_and_the_pipeline_is_restored(mmdit):
+    """The token goes into every text encoder (SD 3: CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5); the rows the
+    attack builds from token embeddings are the pipeline's own ``encode_prompt`` rows of the caption."""
+    from erasekit.attacks.concept_inversion import ConceptInversionConfig, _Inversion, learned_tokens
+    from erasekit.attacks.result import PromptAttack
+
+    before, tokenizers = _state(mmdit), [getattr(mmdit, n) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")
+                                         if getattr(mmdit, n, None) is not None]
+    rows = [PromptAttack(index=0, prompt="a red bright cat", seed=0, adv_prompt="", concept="bright")]
+    inv = _Inversion(mmdit, rows, None, ConceptInversionConfig(initializer="dog"), object())
+    n_enc = len(FamilyAdapter(mmdit).encoders)
+    assert len(inv.v) == n_enc == (3 if FamilyAdapter(mmdit).family == "sd3" else 2)
+    assert all(int(s.sum()) == 1 for s in inv.slot)   # the token sits once in each encoder's caption
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for v in inv.v:
+            v.copy_(torch.randn(v.shape, generator=gen))
+    emb = inv.embeddings(["<bright>"])
+    assert len(emb) == n_enc
+    with torch.no_grad():
+        embeds = []
+        for enc, tok, slot, v in zip(inv.adapter.encoders, inv.tokens, inv.slot, inv.v):
+            base = enc.get_input_embeddings().weight.detach()
+            ids = tok.input_ids.clamp_max(base.shape[0] - 1)
+            embeds.append(torch.where(slot.unsqueeze(-1), v[[0]].unsqueeze(1), base[ids]))
+        ctx = inv.encode_mmdit(embeds, inv.tokens)
+        with learned_tokens(mmdit, emb) as ids:
+            assert list(ids) == ["<bright>"]
+            ref = FamilyAdapter(mmdit).encode(["a red <bright> cat"])
+            plain = FamilyAdapter(mmdit).encode(["a red cat"])
+    torch.testing.assert_close(ctx.embeds, ref.embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ctx.pooled, ref.pooled, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ref.embeds, plain.embeds, atol=1e-3)
+    assert [getattr(mmdit, n) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")
+            if getattr(mmdit, n, None) is not None] == tokenizers
+    assert _unchanged(before, mmdit), "learned_tokens left the pipeline changed"
+
+
+def test_concept_inversion_runs_with_the_flow_matching_loss(mmdit):
+    from erasekit.attacks import learned_tokens
+
+    edit, before = _scaling_edit(mmdit), _state(mmdit)
+    sampling = _sampling(mmdit)
+    per_image = _evals_per_image(mmdit, sampling)
+    seen = []
+    hook = mmdit.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["timestep"].detach().clone()) if torch.is_grad_enabled() else None,
+        with_kwargs=True)
+    try:
+        res = attack(mmdit, ["a bright cat", "a bright dog"], "bright", judge=ToneJudge(), method="concept_inversion",
+                     edit=edit, sampling=sampling, progress=False, steps=3, eval_every=3, images_per_step=2,
+                     initializer="red")
+    finally:
+        hook.remove()
+    assert _unchanged(before, mmdit), "the attack left the pipeline changed"
+    assert len(seen) == 3 and all(len(t) == 2 for t in seen)   # one transformer batch of 2 images per step
+    assert len({float(x) for t in seen for x in t}) > 1   # random noise levels
+    assert [p.adv_prompt for p in res.prompts] == ["a <bright-3> cat", "a <bright-3> dog"]
+    assert sum(p.grad_steps for p in res.prompts) == 3 * 2
+    assert sum(p.unet_evals for p in res.prompts) == 3 * 2 + 2 * 2 * per_image   # training + two judged rounds
+    assert all(p.rounds == 1 and not p.success and p.wall_time_s > 0 for p in res.prompts)
+    n_enc = len(FamilyAdapter(mmdit).encoders)
+    assert len(res.embeddings) == n_enc   # the token's vector for every text encoder (T5 included)
+    # the learned vectors moved away from the initialiser's embedding in every encoder
+    for key, enc, tok in zip(sorted(res.embeddings, key=len), FamilyAdapter(mmdit).encoders,
+                             FamilyAdapter(mmdit).tokenizers):
+        start = enc.get_input_embeddings().weight.detach()[tok("red", add_special_tokens=False).input_ids].mean(0)
+        assert not torch.allclose(res.embeddings[key], start, atol=1e-4), key
+    with learned_tokens(mmdit, res.embeddings):   # the saved tokens load back into every encoder
+        assert FamilyAdapter(mmdit).encode(["a <bright-3> cat"]).embeds.isfinite().all()

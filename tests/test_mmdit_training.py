@@ -261,7 +261,7 @@ def test_attacks_that_need_a_unet_are_refused_on_mmdit(mmdit):
     from erasekit.attacks import attack
 
     with pytest.raises(ConfigError, match="this one is (sd3|flux)"):
-        attack(mmdit, ["a cat"], "bright", judge=ToneJudge(255), method="concept_inversion", progress=False)
+        attack(mmdit, ["a cat"], "bright", judge=ToneJudge(255), method="ring_a_bell", progress=False)
 
 
 # -- SalUn -----------------------------------------------------------------------------------------------------
