@@ -179,3 +179,74 @@ def test_concept_inversion_runs_with_the_flow_matching_loss(mmdit):
         assert not torch.allclose(res.embeddings[key], start, atol=1e-4), key
     with learned_tokens(mmdit, res.embeddings):   # the saved tokens load back into every encoder
         assert FamilyAdapter(mmdit).encode(["a <bright-3> cat"]).embeds.isfinite().all()
+
+
+# -- Ring-A-Bell -----------------------------------------------------------------------------------------------
+RING = dict(population=8, generations=6, length=3, judge_every=1, pairs=[["a bright red cat", "a cat"],
+                                                                         ["a bright house", "a house"]])
+
+
+def test_ring_a_bell_scores_candidates_on_the_pipelines_own_encoding(mmdit):
+    """The concept vector and each candidate's fitness read every text encoder (T5 and pooled included)."""
+    from erasekit.attacks.ring_a_bell import Fitness, _flat, candidate_text, concept_vector, search_vocabulary
+
+    ad = FamilyAdapter(mmdit)
+    width = ad.encode(["x"]).embeds[0].numel() + ad.encode(["x"]).pooled[0].numel()
+    vec = concept_vector(ad, [("a bright cat", "a cat")])
+    assert vec.shape == (width,)
+    torch.testing.assert_close(vec, (_flat(ad.encode(["a bright cat"])) - _flat(ad.encode(["a cat"])))[0])
+    vocab = search_vocabulary(ad, "round_trip", [])
+    assert len(vocab) > 0
+    ids = torch.tensor([[3, 5], [7, 11]])
+    target = torch.randn(2, width, generator=torch.Generator().manual_seed(0))
+    fit = Fitness(ad, vocab, target, [None, "a cat"])
+    got = fit(torch.tensor([0, 1]), ids)
+    texts = [candidate_text(ad.tokenizers[0], vocab[ids[0]].tolist(), None),
+             candidate_text(ad.tokenizers[0], vocab[ids[1]].tolist(), "a cat")]
+    assert texts[1].endswith(" a cat") and not texts[0].endswith("a cat")
+    ref = (_flat(ad.encode(texts)) - target).pow(2).sum(-1)
+    torch.testing.assert_close(got, ref)
+
+
+def test_ring_a_bell_runs_on_the_text_encoders_and_judges_its_search(mmdit):
+    edit, before = _scaling_edit(mmdit), _state(mmdit)
+    sampling = _sampling(mmdit)
+    per_image = _evals_per_image(mmdit, sampling)
+    res = attack(mmdit, ["a bright cat"], "bright", judge=ToneJudge(), method="ring_a_bell", edit=edit,
+                 sampling=sampling, progress=False, **RING)
+    assert _unchanged(before, mmdit), "the attack left the pipeline changed"
+    (p,) = res.prompts
+    search = res.protocol["search"]
+    assert search["text_encoder_evals"][0] >= RING["population"]
+    fits = search["best_fitness"][0]
+    assert len(fits) == RING["generations"] and fits[-1] < fits[0]   # the search improved on its first population
+    assert all(a >= b for a, b in zip(fits, fits[1:]))   # and never lost its best
+    assert (p.success, p.grad_steps, p.rounds) == (False, 0, RING["generations"])
+    assert p.unet_evals == (1 + RING["generations"]) * per_image and p.wall_time_s > 0
+    assert p.adv_prompt != "a bright cat" and len(p.adv_prompt.split()) == RING["length"]
+
+
+# -- which attacks run on an MMDiT -----------------------------------------------------------------------------
+def test_every_attack_runs_on_mmdit_and_an_unlisted_one_is_refused(mmdit, monkeypatch):
+    import erasekit.attacks as attacks
+
+    assert set(attacks.MMDIT_ATTACKS) == set(attacks.METHODS)
+    monkeypatch.setitem(attacks.METHODS, "unet_only", ("baselines", "NoAttackConfig", "no_attack", False))
+    with pytest.raises(ConfigError, match="this one is (sd3|flux)"):
+        attack(mmdit, ["a cat"], "bright", judge=ToneJudge(), method="unet_only", progress=False)
+
+
+def test_sd3_without_t5_runs_p4d_and_concept_inversion(clip_tokenizer_dir):
+    """SD 3 loaded without T5 (``text_encoder_3=None``): its T5 rows are zeros, the attacks read the CLIP side."""
+    from conftest import build_tiny_mmdit
+
+    pipe = build_tiny_mmdit("sd3", clip_tokenizer_dir)
+    pipe.text_encoder_3 = pipe.tokenizer_3 = None
+    edit, sampling = _scaling_edit(pipe), _sampling(pipe)
+    kw = dict(judge=ToneJudge(), edit=edit, sampling=sampling, progress=False)
+    res = attack(pipe, ["a bright cat"], "bright", method="concept_inversion", steps=2, eval_every=2,
+                 images_per_step=2, **kw)
+    assert sorted(res.embeddings) == ["<bright-2>", "<bright-2>::text_encoder_2"]   # CLIP-L and CLIP-G only
+    assert res.prompts[0].grad_steps == 2 * 2   # one backward per image: 2 steps of 2 images
+    res = attack(pipe, ["a bright cat"], "bright", method="p4d", steps=2, eval_every=2, n_tokens=2, variant="n", **kw)
+    assert res.prompts[0].grad_steps == 2 and res.prompts[0].unet_evals > 4

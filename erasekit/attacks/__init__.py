@@ -25,7 +25,7 @@ METHODS = {
     "concept_inversion": ("concept_inversion", "ConceptInversionConfig", "concept_inversion", True),
     "ring_a_bell": ("ring_a_bell", "RingABellConfig", "ring_a_bell", False),
 }
-MMDIT_ATTACKS = ("unlearndiffatk", "none", "seed_search", "random_prefix", "p4d", "concept_inversion")
+MMDIT_ATTACKS = ("unlearndiffatk", "none", "seed_search", "random_prefix", "p4d", "concept_inversion", "ring_a_bell")
 """The attacks that run on SD 3 / Flux (docs/backbones.md); any other is refused there with a ConfigError."""
 _LAZY = {"AttackResult": "result", "PromptAttack": "result", "ASR_DEFINITION": "result",
          "PrefixPrompts": "erasekit.pipelines.prefix", "attack_vocabulary": "erasekit.pipelines.prefix",
