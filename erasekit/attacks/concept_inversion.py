@@ -35,6 +35,18 @@ prompts are the same text; success is judged online with early stop (the referen
 steps and generates afterwards); z_tgt is the VAE posterior mean (the reference samples it). The
 pipeline's tokenizers and embedding tables are swapped for extended copies only while a token is
 needed and restored afterwards, also on error.
+
+SD 3 and Flux (flow matching, :mod:`erasekit.pipelines.flow`; the paper has SD 1.4 only): the loss is the
+model's training loss, ``|| v_theta'((1 - sigma) z + sigma eps, sigma, tau(y(v))) - (eps - z) ||^2`` with
+``sigma = shift(t / T)``, ``t ~ U{1..T}`` (the scheduler's training grid and shift). The token is added to
+EVERY text encoder the pipeline's ``encode_prompt`` reads, each with its own learned vector (SD 3: CLIP-L,
+CLIP-G and T5, keys ``token``, ``token::text_encoder_2``, ``token::text_encoder_3``; Flux: CLIP-L and T5,
+``token``, ``token::text_encoder_2``), as diffusers' Flux pivotal-tuning script does with ``--enable_t5_ti``:
+T5 carries most of the text on these models (on Flux CLIP-L reaches the transformer only through the pooled
+vector), so a token in the CLIP encoders alone would miss it. T5 is run from its token embeddings (the
+pipeline calls it on ids without an attention mask and looks ids up unscaled, so the rows are the
+pipeline's); SD 3 loaded without T5 learns CLIP-L and CLIP-G only (its T5 rows are zeros). Each distinct
+caption is encoded once per step. ``unet_evals`` counts transformer evaluations (one per image).
 """
 
 from __future__ import annotations

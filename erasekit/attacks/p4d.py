@@ -32,6 +32,21 @@ per prompt, so a prompt's attack does not depend on its batch; ``vocabulary = ro
 projects onto whole words that decode and re-tokenise to themselves (``full``: the reference's
 whole vocabulary). SDXL: one token id per slot for both text encoders, chosen by the sum of the
 two cosine similarities, and the slot variable holds one embedding per encoder.
+
+SD 3 and Flux (flow matching, :mod:`erasekit.pipelines.flow`; the paper has SD 1.4 only): the loss
+compares velocities instead of noises, at the scheduler's training noise levels,
+
+    E_{sigma, eps} || v_theta((1 - sigma) z_tgt + sigma eps, sigma, W(P)) - v_theta'(same, sigma, W(P*_disc)) ||^2,
+
+``sigma = shift(t / T)`` with ``t ~ U{1..T}`` (the scheduler's shift, Flux's resolution-dependent one
+included) and ``z_tgt`` the target image's latent as the pipeline decodes it. The free slots are CLIP
+tokens (SD 3: CLIP-L and CLIP-G, one id per slot for both, as on SDXL; Flux: CLIP-L, which reaches the
+transformer through the pooled vector only); their rows and the pooled vector are built from the token
+embeddings exactly as ``encode_prompt`` builds them from ids. T5 has another vocabulary, so no gradient
+reaches it: it reads the text of the current projection P*_disc (re-encoded whenever a prompt's
+projection changes), so the conditioning of the loss is, row for row, that of the judged prompt.
+W(P) is the pipeline's own encoding of P by every encoder. ``unet_evals`` counts transformer
+evaluations (two per step, as on a UNet); the T5 re-encodings are text-encoder work and not counted.
 """
 
 from __future__ import annotations

@@ -27,6 +27,15 @@ searched ids (the reference draws ids 1..49405 and decodes them, which can chang
 each prompt has its own random stream (attack seed, prompt, image seed), so its search does not
 depend on the batch; ``judge_every`` can judge the best prompt during the search as well as at
 its end (the reference judges only the final prompt), booking the generation of the first success.
+
+SD 3 and Flux (the paper has SD 1.4 only): ``E`` is everything the transformer reads of a prompt, by the
+pipeline's own ``encode_prompt`` (SD 3: the 77 CLIP-L/G rows, the T5 rows and the pooled vector; Flux:
+the T5 rows and CLIP-L's pooled vector), flattened together. The searched tokens are CLIP tokens (the
+round-trip vocabulary of the CLIP tokenizers); T5 has no counterpart of a CLIP id, so a candidate is
+scored on the pipeline's encoding of its decoded text, which is exactly the text that is judged. Every
+candidate then runs every text encoder, T5 included: on the full-size models the search's text-encoder
+work is dominated by T5, far above SD 1.4's CLIP-L (``protocol["search"]["text_encoder_evals"]`` counts
+candidates). The judged generations' ``unet_evals`` count transformer evaluations.
 """
 
 from __future__ import annotations
