@@ -114,11 +114,12 @@ def test_learned_token_encodes_as_its_vector_in_every_encoder_and_the_pipeline_i
     attack builds from token embeddings are the pipeline's own ``encode_prompt`` rows of the caption."""
     from erasekit.attacks.concept_inversion import ConceptInversionConfig, _Inversion, learned_tokens
     from erasekit.attacks.result import PromptAttack
+    from erasekit.attacks.unlearndiffatk import flow_model
 
     before, tokenizers = _state(mmdit), [getattr(mmdit, n) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")
                                          if getattr(mmdit, n, None) is not None]
     rows = [PromptAttack(index=0, prompt="a red bright cat", seed=0, adv_prompt="", concept="bright")]
-    inv = _Inversion(mmdit, rows, None, ConceptInversionConfig(initializer="dog"), object())
+    inv = _Inversion(mmdit, rows, None, ConceptInversionConfig(initializer="dog"), flow_model(mmdit, _sampling(mmdit)))
     n_enc = len(FamilyAdapter(mmdit).encoders)
     assert len(inv.v) == n_enc == (3 if FamilyAdapter(mmdit).family == "sd3" else 2)
     assert all(int(s.sum()) == 1 for s in inv.slot)   # the token sits once in each encoder's caption
