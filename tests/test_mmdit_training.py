@@ -255,15 +255,6 @@ def test_unlearndiffatk_runs_end_to_end_with_the_flow_matching_loss(mmdit, monke
         torch.testing.assert_close(timestep.float(), sigma.float() * scale)
 
 
-def test_attacks_that_need_a_unet_are_refused_on_mmdit(mmdit):
-    from _attack_helpers import ToneJudge
-
-    from erasekit.attacks import attack
-
-    with pytest.raises(ConfigError, match="this one is (sd3|flux)"):
-        attack(mmdit, ["a cat"], "bright", judge=ToneJudge(255), method="p4d", progress=False)
-
-
 # -- SalUn -----------------------------------------------------------------------------------------------------
 SALUN = dict(pseudo="a dog", retain_prompts=["a photo of a cat", "a tree"], steps=3, images_per_prompt=2,
              retain_images_per_prompt=1, data_steps=2, batch_size=2, progress=False, checkpoint_dir=None, lr=1e-3)

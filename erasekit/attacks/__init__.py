@@ -25,8 +25,8 @@ METHODS = {
     "concept_inversion": ("concept_inversion", "ConceptInversionConfig", "concept_inversion", True),
     "ring_a_bell": ("ring_a_bell", "RingABellConfig", "ring_a_bell", False),
 }
-MMDIT_ATTACKS = ("unlearndiffatk", "none", "seed_search", "random_prefix")
-"""The attacks that run on SD 3 / Flux; the others call a UNet (refused there with a ConfigError)."""
+MMDIT_ATTACKS = ("unlearndiffatk", "none", "seed_search", "random_prefix", "p4d", "concept_inversion", "ring_a_bell")
+"""The attacks that run on SD 3 / Flux (docs/backbones.md); any other is refused there with a ConfigError."""
 _LAZY = {"AttackResult": "result", "PromptAttack": "result", "ASR_DEFINITION": "result",
          "PrefixPrompts": "erasekit.pipelines.prefix", "attack_vocabulary": "erasekit.pipelines.prefix",
          "UnlearnDiffAttackConfig": "unlearndiffatk",
@@ -74,8 +74,10 @@ def attack(pipe, prompts: list[str], concept=None, *, judge, method: str = "unle
     """Attack ``prompts`` so that ``judge`` sees each prompt's concept in the images of ``pipe``.
 
     Args:
-        pipe: a Stable Diffusion pipeline (SD 1.x/2.x, SDXL, or SFD's one-step pipeline). Without
-            ``edit`` it is attacked as it is (an Edit may already be applied).
+        pipe: a Stable Diffusion pipeline (SD 1.x/2.x, SDXL, SD 3 / 3.5, Flux, or SFD's one-step pipeline).
+            Without ``edit`` it is attacked as it is (an Edit may already be applied). Every method of
+            :data:`MMDIT_ATTACKS` runs on SD 3 and Flux (docs/backbones.md); its ``unet_evals`` count
+            transformer evaluations there.
         prompts: prompts that should show the concept (one image per prompt and seed).
         concept: the concept the judge must see (e.g. ``"Van_Gogh"``): one name for every prompt, a list
             with one name per prompt (None entries are inferred), or None: inferred from ``edit``'s

@@ -35,6 +35,18 @@ prompts are the same text; success is judged online with early stop (the referen
 steps and generates afterwards); z_tgt is the VAE posterior mean (the reference samples it). The
 pipeline's tokenizers and embedding tables are swapped for extended copies only while a token is
 needed and restored afterwards, also on error.
+
+SD 3 and Flux (flow matching, :mod:`erasekit.pipelines.flow`; the paper has SD 1.4 only): the loss is the
+model's training loss, ``|| v_theta'((1 - sigma) z + sigma eps, sigma, tau(y(v))) - (eps - z) ||^2`` with
+``sigma = shift(t / T)``, ``t ~ U{1..T}`` (the scheduler's training grid and shift). The token is added to
+EVERY text encoder the pipeline's ``encode_prompt`` reads, each with its own learned vector (SD 3: CLIP-L,
+CLIP-G and T5, keys ``token``, ``token::text_encoder_2``, ``token::text_encoder_3``; Flux: CLIP-L and T5,
+``token``, ``token::text_encoder_2``), as diffusers' Flux pivotal-tuning script does with ``--enable_t5_ti``:
+T5 carries most of the text on these models (on Flux CLIP-L reaches the transformer only through the pooled
+vector), so a token in the CLIP encoders alone would miss it. T5 is run from its token embeddings (the
+pipeline calls it on ids without an attention mask and looks ids up unscaled, so the rows are the
+pipeline's); SD 3 loaded without T5 learns CLIP-L and CLIP-G only (its T5 rows are zeros). Each distinct
+caption is encoded once per step. ``unet_evals`` counts transformer evaluations (one per image).
 """
 
 from __future__ import annotations
@@ -50,16 +62,22 @@ from tqdm.auto import tqdm
 
 from ..config import MethodConfig, check
 from ..errors import ConfigError
-from ..pipelines.family import FamilyAdapter
+from ..pipelines.family import Context, FamilyAdapter
 from ..pipelines.locking import pipeline_lock
+from ..pipelines.mmdit import denoiser
+from ..pipelines.prefix import clip_side
 from .baselines import evaluate_original, judged_round, prompt_generator
 from .concepts import words
 from .result import PromptAttack
-from .unlearndiffatk import target_latents
+from .unlearndiffatk import flow_model, target_latents
 
-_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
 SECOND = "::text_encoder_2"
-"""Key suffix of an SDXL token's second-encoder vector in ``AttackResult.embeddings``."""
+"""Key suffix of a token's vector for the second text encoder in ``AttackResult.embeddings`` (SDXL: OpenCLIP-G;
+SD 3: CLIP-G; Flux: T5)."""
+THIRD = "::text_encoder_3"
+"""Key suffix of a token's vector for the third text encoder (SD 3: T5)."""
+_SUFFIX = ("", SECOND, THIRD)
 
 
 @dataclass
@@ -103,14 +121,16 @@ def _pairs(pipe) -> list[tuple[str, str]]:
 def learned_tokens(pipe, embeddings: dict[str, torch.Tensor]):
     """``with learned_tokens(pipe, emb): pipe("a cats image in <van_gogh-250> style")``.
 
-    Adds each token of ``embeddings`` (``{token: vector}``; SDXL: also ``{token + SECOND: vector}``
-    for the second text encoder) to copies of the pipeline's tokenizers and embedding tables, puts
+    Adds each token of ``embeddings`` (``{token: vector}`` for the first text encoder; with two or three
+    encoders also ``{token + SECOND: vector}`` and ``{token + THIRD: vector}``: SDXL's OpenCLIP-G, SD 3's
+    CLIP-G and T5, Flux's T5) to copies of the pipeline's tokenizers and embedding tables, puts
     the copies in the pipeline for the block and restores the originals after it (also on error).
-    Yields ``{token: id}``. Holds the pipeline's lock for the block.
+    A new token's row follows the tokenizer's vocabulary (T5's table has spare rows past it, which the
+    copy's new rows overwrite). Yields ``{token: id}`` in the first tokenizer. Holds the pipeline's lock.
     """
-    tokens = [k for k in embeddings if not k.endswith(SECOND)]
+    tokens = [k for k in embeddings if not k.endswith(_SUFFIX[1:])]
     with pipeline_lock(pipe):
-        saved = []
+        saved, first = [], None
         try:
             for which, (tname, ename) in enumerate(_pairs(pipe)):
                 tok, enc = getattr(pipe, tname), getattr(pipe, ename)
@@ -122,16 +142,18 @@ def learned_tokens(pipe, embeddings: dict[str, torch.Tensor]):
                 new_tok = copy.deepcopy(tok)
                 new_tok.add_tokens(tokens)
                 ids = new_tok.convert_tokens_to_ids(tokens)
-                if ids != list(range(old.num_embeddings, old.num_embeddings + len(tokens))):
+                if len(tok) > old.num_embeddings or ids != list(range(len(tok), len(tok) + len(tokens))):
                     raise ConfigError(f"the tokenizer ({len(tok)} tokens) does not match its text encoder's embedding "
                                       f"table ({old.num_embeddings} rows): learned tokens cannot be added")
-                key = "" if which == 0 else SECOND
-                rows = [embeddings[t + key] for t in tokens]
-                weight = torch.cat([old.weight.detach(), torch.stack(rows).to(old.weight)])
+                rows = torch.stack([embeddings[t + _SUFFIX[which]] for t in tokens]).to(old.weight)
+                weight = old.weight.detach()
+                weight = torch.cat([weight, weight.new_zeros(max(0, ids[-1] + 1 - len(weight)), weight.shape[1])])
+                weight[ids] = rows
                 saved.append((tname, tok, enc, old))
                 setattr(pipe, tname, new_tok)
                 enc.set_input_embeddings(torch.nn.Embedding.from_pretrained(weight, freeze=True))
-            yield dict(zip(tokens, ids))
+                first = first or dict(zip(tokens, ids))
+            yield first
         finally:
             for tname, tok, enc, old in reversed(saved):
                 setattr(pipe, tname, tok)
@@ -157,44 +179,65 @@ def with_token(prompt: str, concept: str, token: str) -> str:
 class _Inversion:
     """Learned vectors of every concept (one row per concept and encoder) and their training captions."""
 
-    def __init__(self, pipe, rows: list[PromptAttack], z0, config: ConceptInversionConfig):
-        self.pipe, self.rows, self.config, self.z0 = pipe, rows, config, z0
+    def __init__(self, pipe, rows: list[PromptAttack], z0, config: ConceptInversionConfig, fm=None):
+        self.pipe, self.rows, self.config, self.z0, self.fm = pipe, rows, config, z0, fm
         self.adapter = FamilyAdapter(pipe)
         self.concepts = list(dict.fromkeys(r.concept for r in rows))
         self.of = [self.concepts.index(r.concept) for r in rows]
         self.placeholders = [token_name(c) for c in self.concepts]
         self.texts = [with_token(r.prompt, r.concept, self.placeholders[c]) for r, c in zip(rows, self.of)]
-        dev = pipe.unet.device
+        dev = denoiser(pipe).device
         self.v = [self._init(enc, tok).expand(len(self.concepts), -1).clone().requires_grad_(True)
                   for enc, tok in zip(self.adapter.encoders, self.adapter.tokenizers)]
         self.opt = torch.optim.AdamW(self.v, lr=config.effective_lr, weight_decay=config.weight_decay)
-        with learned_tokens(pipe, self.embeddings(self.placeholders)) as ids:
+        with learned_tokens(pipe, self.embeddings(self.placeholders)):
             adapter = FamilyAdapter(pipe)
             self.tokens = [adapter.tokenize(self.texts, which=i) for i in range(len(adapter.encoders))]
-        own = torch.tensor([ids[self.placeholders[c]] for c in self.of], device=dev).unsqueeze(1)
-        self.slot = [t.input_ids == own for t in self.tokens]   # rows x 77: where each row's token sits
+            own = [torch.tensor(tok.convert_tokens_to_ids([self.placeholders[c] for c in self.of]),
+                                device=dev).unsqueeze(1) for tok in adapter.tokenizers]
+        self.slot = [t.input_ids == o for t, o in zip(self.tokens, own)]   # rows x length: where the token sits
         self.gens = [prompt_generator(config.seed, c, 0) for c in self.concepts]
-        self.abar = pipe.scheduler.alphas_cumprod.to(dev, torch.float32)
+        self.abar = pipe.scheduler.alphas_cumprod.to(dev, torch.float32) if fm is None else None
         self.active = list(range(len(self.concepts)))
+        if self.adapter.mmdit:   # which encoders are CLIP (read from token embeddings) and which one is T5
+            self.clip = [i for i, e in enumerate(self.adapter.encoders) if type(e).__name__.startswith("CLIPTextModel")]
+            self.t5 = next((i for i in range(len(self.adapter.encoders)) if i not in self.clip), None)
+            self.t5_zeros = None if self.t5 is not None else \
+                FamilyAdapter(pipe).encode(self.texts[:1]).embeds[:, 77:]   # SD 3 without T5: zero rows
 
     def _init(self, enc, tok) -> torch.Tensor:
         ids = tok(self.config.initializer, add_special_tokens=False).input_ids
         return enc.get_input_embeddings().weight.detach()[ids].float().mean(0, keepdim=True)
 
     def embeddings(self, names: list[str], which: list[int] | None = None) -> dict[str, torch.Tensor]:
-        """``{token: vector}`` (SDXL: plus ``token + SECOND``) of concepts ``which`` (default all) under ``names``."""
+        """``{token: vector}`` (more encoders: plus ``token + SECOND``, ``token + THIRD``) of concepts ``which``
+        (default all) under ``names``."""
         which = range(len(self.concepts)) if which is None else which
         out = {}
         for name, c in zip(names, which):
             for e, v in enumerate(self.v):
-                out[name + ("" if e == 0 else SECOND)] = v[c].detach().cpu().clone()
+                out[name + _SUFFIX[e]] = v[c].detach().cpu().clone()
         return out
 
     def unbroken(self, c: int) -> list[int]:
         return [i for i, r in enumerate(self.rows) if self.of[i] == c and not r.success]
 
+    def encode_mmdit(self, embeds: list[torch.Tensor], toks: list) -> Context:
+        """SD 3 / Flux: the transformer's text from token embeddings of every encoder (differentiable): the CLIP
+        encoders as ``encode_prompt`` runs them, T5 from its token embeddings (the pipeline calls it on ids
+        without an attention mask, and T5 looks its ids up unscaled, so this equals the pipeline's rows)."""
+        if self.t5 is not None:
+            enc = self.adapter.encoders[self.t5]
+            t5 = enc(inputs_embeds=embeds[self.t5])[0].to(enc.dtype)
+        else:
+            t5 = self.t5_zeros.expand(len(toks[0].input_ids), -1, -1)
+        return clip_side(self.adapter).encode_token_embeds([embeds[i] for i in self.clip],
+                                                           [toks[i] for i in self.clip], t5)
+
     def step(self) -> dict[int, int]:
         """One AdamW step on every active concept; returns the images each concept used."""
+        if self.fm is not None:
+            return self.flow_step()
         n, unet, dev = self.config.images_per_step, self.pipe.unet, self.z0.device
         pick, used = [], {}
         for c in self.active:
@@ -217,6 +260,11 @@ class _Inversion:
         ctx = self.adapter.encode_token_embeds(embeds, toks)
         pred = unet(x_t.to(unet.dtype), t, **ctx.unet_kwargs(self.pipe)).sample.float()
         loss = (pred - eps).pow(2).flatten(1).mean(1).view(len(self.active), n).mean(1).sum()  # per-concept means
+        self.update(loss)
+        return used
+
+    def update(self, loss: torch.Tensor) -> None:
+        """One AdamW step of the active concepts' vectors on ``loss``."""
         for v, g in zip(self.v, torch.autograd.grad(loss, self.v)):   # only the tokens: no .grad on the model
             v.grad = g
         done = torch.ones(len(self.concepts), dtype=torch.bool)
@@ -227,6 +275,35 @@ class _Inversion:
             for v, b in zip(self.v, before):
                 v[done.to(v.device)] = b
         self.opt.zero_grad(set_to_none=True)
+
+    def flow_step(self) -> dict[int, int]:
+        """:meth:`step` on SD 3 / Flux: the flow-matching loss ``|| v(x_sigma, y(v*)) - (eps - z) ||^2`` at the
+        scheduler's training noise levels; each distinct caption is encoded once per step."""
+        from ..pipelines.flow import noisy, velocity
+
+        n, dev = self.config.images_per_step, self.z0.device
+        pick, used = [], {}
+        for c in self.active:
+            own = [i for i in range(len(self.rows)) if self.of[i] == c]
+            draw = torch.randint(len(own), (n,), generator=self.gens[c])
+            pick += [own[j] for j in draw.tolist()]
+            used[c] = n
+        sigma = torch.cat([self.fm.sample_sigmas(n, self.gens[c]) for c in self.active]).to(dev)
+        eps = torch.cat([torch.randn((n, *self.z0.shape[1:]), generator=self.gens[c]) for c in self.active]).to(dev)
+        captions, at = torch.unique(torch.tensor(pick), return_inverse=True)
+        captions = captions.tolist()
+        concept = torch.tensor([self.of[i] for i in captions], device=dev)
+        embeds = []
+        for enc, tok, slot, v in zip(self.adapter.encoders, self.tokens, self.slot, self.v):
+            base = enc.get_input_embeddings().weight.detach()
+            ids = tok.input_ids[captions].clamp_max(base.shape[0] - 1)   # placeholder ids may be past the table
+            embeds.append(torch.where(slot[captions].unsqueeze(-1), v[concept].unsqueeze(1).to(base.dtype), base[ids]))
+        toks = [type(t)(t.input_ids[captions], t.attention_mask[captions]) for t in self.tokens]
+        ctx = self.encode_mmdit(embeds, toks)[at.to(dev)]
+        z = self.z0[pick]
+        pred = self.fm.predict(self.fm.transformer, noisy(z, eps, sigma), sigma, ctx)
+        err = (pred - velocity(z, eps)).pow(2).flatten(1).mean(1)
+        self.update(err.view(len(self.active), n).mean(1).sum())   # per-concept means
         return used
 
 
@@ -245,7 +322,8 @@ def concept_inversion(pipe, prompts, seeds, concepts, *, judge, sampling, config
     rows = evaluate_original(pipe, prompts, seeds, judge, concepts, sampling, 64)
     if all(r.success for r in rows):
         return rows, {}
-    inv = _Inversion(pipe, rows, target_latents(pipe, targets).to(pipe.unet.device), config)
+    fm = flow_model(pipe, sampling)
+    inv = _Inversion(pipe, rows, target_latents(pipe, targets, fm).to(denoiser(pipe).device), config, fm)
     inv.active = [c for c in range(len(inv.concepts)) if inv.unbroken(c)]
     embeddings, done = {}, 0
     bar = tqdm(total=config.steps, desc="concept inversion steps", disable=not progress, leave=False)

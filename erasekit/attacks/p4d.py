@@ -32,6 +32,21 @@ per prompt, so a prompt's attack does not depend on its batch; ``vocabulary = ro
 projects onto whole words that decode and re-tokenise to themselves (``full``: the reference's
 whole vocabulary). SDXL: one token id per slot for both text encoders, chosen by the sum of the
 two cosine similarities, and the slot variable holds one embedding per encoder.
+
+SD 3 and Flux (flow matching, :mod:`erasekit.pipelines.flow`; the paper has SD 1.4 only): the loss
+compares velocities instead of noises, at the scheduler's training noise levels,
+
+    E_{sigma, eps} || v_theta((1 - sigma) z_tgt + sigma eps, sigma, W(P)) - v_theta'(same, sigma, W(P*_disc)) ||^2,
+
+``sigma = shift(t / T)`` with ``t ~ U{1..T}`` (the scheduler's shift, Flux's resolution-dependent one
+included) and ``z_tgt`` the target image's latent as the pipeline decodes it. The free slots are CLIP
+tokens (SD 3: CLIP-L and CLIP-G, one id per slot for both, as on SDXL; Flux: CLIP-L, which reaches the
+transformer through the pooled vector only); their rows and the pooled vector are built from the token
+embeddings exactly as ``encode_prompt`` builds them from ids. T5 has another vocabulary, so no gradient
+reaches it: it reads the text of the current projection P*_disc (re-encoded whenever a prompt's
+projection changes), so the conditioning of the loss is, row for row, that of the judged prompt.
+W(P) is the pipeline's own encoding of P by every encoder. ``unet_evals`` counts transformer
+evaluations (two per step, as on a UNet); the T5 re-encodings are text-encoder work and not counted.
 """
 
 from __future__ import annotations
@@ -45,10 +60,11 @@ from tqdm.auto import tqdm
 from ..config import MethodConfig, check
 from ..errors import ConfigError
 from ..pipelines.family import FamilyAdapter, Tokens
-from ..pipelines.prefix import VOCABULARIES, attack_vocabulary
+from ..pipelines.mmdit import denoiser
+from ..pipelines.prefix import VOCABULARIES, attack_vocabulary, clip_side, t5_rows
 from .baselines import evaluate_original, judged_round, prompt_generator
 from .result import PromptAttack
-from .unlearndiffatk import target_latents
+from .unlearndiffatk import flow_model, target_latents
 
 VARIANTS = ("n", "k")
 
@@ -99,11 +115,14 @@ class SlotPrompts:
     """Prompts whose token sequence holds free slots (P4D-N or P4D-K layout), for every text encoder.
 
     ``layout[i]`` is prompt i's word-token sequence with -1 at its free slots; ``slots`` (B x S,
-    -1 padded) are the sequence positions of the free slots (SOT is position 0).
+    -1 padded) are the sequence positions of the free slots (SOT is position 0). On SD 3 / Flux the
+    slots are CLIP tokens: :attr:`adapter` lists the CLIP tokenizers and encoders, :attr:`full` every
+    encoder, and :meth:`encode` takes the T5 rows of the prompts' text (:meth:`t5_rows`).
     """
 
     def __init__(self, pipe, prompts: list[str], config: P4DConfig):
-        self.adapter = FamilyAdapter(pipe)
+        self.full = FamilyAdapter(pipe)
+        self.adapter = clip_side(self.full)
         self.prompts = list(prompts)
         tok = self.adapter.tokenizers[0]
         words = [tok(p, add_special_tokens=False).input_ids for p in self.prompts]
@@ -142,14 +161,23 @@ class SlotPrompts:
 
     def subset(self, rows: list[int]) -> "SlotPrompts":
         new = object.__new__(SlotPrompts)
-        new.adapter, new.prompts = self.adapter, [self.prompts[r] for r in rows]
+        new.full, new.adapter, new.prompts = self.full, self.adapter, [self.prompts[r] for r in rows]
         new.layout, new.slots, new.mask = [self.layout[r] for r in rows], self.slots[rows], self.mask[rows]
         idx = torch.tensor(rows, dtype=torch.long, device=self.tokens[0].input_ids.device)
         new.tokens = [Tokens(t.input_ids[idx], t.attention_mask[idx]) for t in self.tokens]
         return new
 
-    def encode(self, slot_embeds: list[torch.Tensor]):
-        """The UNet's context with ``slot_embeds`` (one B x S x D_i per encoder) in the free slots."""
+    @property
+    def mmdit(self) -> bool:
+        return self.full.mmdit
+
+    def t5_rows(self, texts: list[str]) -> torch.Tensor | None:
+        """SD 3 / Flux: the T5 rows of ``texts`` as the pipeline encodes them (no gradient); None on a UNet."""
+        return t5_rows(self.full, texts) if self.mmdit else None
+
+    def encode(self, slot_embeds: list[torch.Tensor], t5: torch.Tensor | None = None):
+        """The denoiser's context with ``slot_embeds`` (one B x S x D_i per CLIP encoder) in the free slots
+        (SD 3 / Flux: ``t5``, the T5 rows, in T5's place)."""
         rows, cols = self.mask.nonzero(as_tuple=True)
         pos = self.slots[rows, cols]
         embeds = []
@@ -157,7 +185,7 @@ class SlotPrompts:
             base = enc.get_input_embeddings().weight.detach()[t.input_ids]
             s = s.to(base.dtype)
             embeds.append(base.index_put((rows.to(base.device), pos.to(base.device)), s[rows, cols]))
-        return self.adapter.encode_token_embeds(embeds, self.tokens)
+        return self.adapter.encode_token_embeds(embeds, self.tokens, t5)
 
     def texts(self, ids: torch.Tensor) -> list[str]:
         """The prompts as text with the slot token ids ``ids`` (B x S) filled in."""
@@ -171,9 +199,10 @@ class SlotPrompts:
 class _BatchP4D:
     """The optimisation state of one batch of prompts: continuous slot embeddings, AdamW, random streams."""
 
-    def __init__(self, pipe, edit, sp: SlotPrompts, base_ctx, z0, rows: list[PromptAttack], vocab, config):
-        self.pipe, self.edit, self.sp, self.rows, self.config = pipe, edit, sp, rows, config
-        dev = pipe.unet.device
+    def __init__(self, pipe, edit, sp: SlotPrompts, base_ctx, z0, rows: list[PromptAttack], vocab, config, fm=None):
+        self.pipe, self.edit, self.sp, self.rows, self.config, self.fm = pipe, edit, sp, rows, config, fm
+        self.net = denoiser(pipe)
+        dev = self.net.device
         self.base_ctx, self.z0 = base_ctx, z0.to(dev)
         self.gens = [prompt_generator(config.seed, r.prompt, r.seed) for r in rows]
         self.tables = [e.get_input_embeddings().weight.detach()[vocab.to(dev)].float() for e in sp.adapter.encoders]
@@ -183,8 +212,10 @@ class _BatchP4D:
         init = torch.stack([torch.randint(len(vocab), (width,), generator=g) for g in self.gens]).to(dev)
         self.p_cont = [t[init].clone().requires_grad_(True) for t in self.tables]
         self.opt = torch.optim.AdamW(self.p_cont, lr=config.lr, weight_decay=config.weight_decay)
-        self.abar = pipe.scheduler.alphas_cumprod.to(dev, torch.float32)
+        # DDPM: the cumulative alphas; flow matching: noise levels from the FlowModel (module docstring)
+        self.abar = pipe.scheduler.alphas_cumprod.to(dev, torch.float32) if fm is None else None
         self.active = list(range(len(rows)))
+        self.t5: dict[int, tuple[str, torch.Tensor]] = {}   # SD 3 / Flux: prompt -> (its text now, its T5 rows)
 
     def project(self) -> torch.Tensor:
         """Nearest vocabulary entry of each slot (sum of cosine similarities over the encoders): B x S indices."""
@@ -193,32 +224,60 @@ class _BatchP4D:
         return sim.argmax(-1)
 
     def draw(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(t, eps) for ``n`` steps of the active prompts, each from the prompt's own stream."""
+        """(t, eps) for ``n`` steps of the active prompts, each from the prompt's own stream (flow matching:
+        the noise level sigma in place of t)."""
         out = []
         for _ in range(n):
-            t = torch.cat([torch.randint(len(self.abar), (1,), generator=self.gens[i]) for i in self.active])
+            if self.fm is None:
+                t = torch.cat([torch.randint(len(self.abar), (1,), generator=self.gens[i]) for i in self.active])
+            else:
+                t = torch.cat([self.fm.sample_sigmas(1, self.gens[i]) for i in self.active])
             eps = torch.cat([torch.randn(self.z0[:1].shape, generator=self.gens[i]) for i in self.active])
             out.append((t.to(self.z0.device), eps.to(self.z0.device)))
         return out
 
     def noised(self, t, eps) -> torch.Tensor:
+        if self.fm is not None:   # flow matching: (1 - sigma) z_tgt + sigma eps
+            from ..pipelines.flow import noisy
+
+            return noisy(self.z0[self.active], eps, t)
         ab = self.abar[t].view(-1, 1, 1, 1)
         return ab.sqrt() * self.z0[self.active] + (1 - ab).sqrt() * eps
 
+    def predict(self, t, eps, ctx) -> torch.Tensor:
+        """The denoiser's prediction at the draw (t, eps) with text ``ctx``: the noise (UNet) or the velocity
+        (flow matching, at sigma = t)."""
+        x = self.noised(t, eps)
+        if self.fm is not None:
+            return self.fm.predict(self.net, x, t, ctx)
+        return self.net(x.to(self.net.dtype), t, **ctx.unet_kwargs(self.pipe)).sample.float()
+
     def targets(self, draws) -> list[torch.Tensor]:
-        """eps_theta(z_t, t, W(P)) of the ORIGINAL model: the Edit is off for this call only."""
-        unet, ctx = self.pipe.unet, self.base_ctx[self.active]
+        """The ORIGINAL model's prediction with W(P) (eps_theta, or v_theta on a flow model): the Edit is off
+        for this call only."""
+        ctx = self.base_ctx[self.active]
         with self.edit.removed(self.pipe), torch.no_grad():
-            return [unet(self.noised(t, eps).to(unet.dtype), t, **ctx.unet_kwargs(self.pipe)).sample.float()
-                    for t, eps in draws]
+            return [self.predict(t, eps, ctx) for t, eps in draws]
+
+    def t5_rows(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """SD 3 / Flux: the T5 rows of the active prompts' projected text (B x S vocabulary indices ``idx``),
+        re-encoded only for the prompts whose text changed since the last step; None on a UNet."""
+        if not self.sp.mmdit:
+            return None
+        texts = self.sp_active.texts(self.vocab[idx].cpu())
+        stale = [(i, text) for i, text in zip(self.active, texts) if self.t5.get(i, (None,))[0] != text]
+        if stale:
+            rows = self.sp.t5_rows([text for _, text in stale])
+            self.t5.update({i: (text, rows[j:j + 1]) for j, (i, text) in enumerate(stale)})
+        return torch.cat([self.t5[i][1] for i in self.active])
 
     def step(self, t, eps, target) -> None:
         """One PEZ step: project, loss on the projection, its gradient to the continuous embeddings."""
-        act, unet = self.active, self.pipe.unet
+        act = self.active
         idx = self.project()[act]
         p_disc = [tab[idx].requires_grad_(True) for tab in self.tables]
-        ctx = self.sp_active.encode(p_disc)
-        pred = unet(self.noised(t, eps).to(unet.dtype), t, **ctx.unet_kwargs(self.pipe)).sample.float()
+        ctx = self.sp_active.encode(p_disc, self.t5_rows(idx))
+        pred = self.predict(t, eps, ctx)
         loss = (pred - target).pow(2).flatten(1).mean(1).sum()   # per-prompt means: prompts independent
         grads = torch.autograd.grad(loss, p_disc)
         mask = self.sp_active.mask.to(self.z0.device).unsqueeze(-1)
@@ -269,19 +328,20 @@ def p4d(pipe, prompts, seeds, concepts, *, judge, sampling, config: P4DConfig, t
     config.check_edit(edit)
     sp = SlotPrompts(pipe, prompts, config)
     vocab = attack_vocabulary(sp.adapter.tokenizers, config.vocabulary)
-    z0 = target_latents(pipe, targets)
+    fm = flow_model(pipe, sampling)
+    z0 = target_latents(pipe, targets, fm)
     rows = evaluate_original(pipe, prompts, seeds, judge, concepts, sampling, max(config.batch_size, 64))
     todo = [r.index for r in rows if not r.success]
     if not todo:
         return rows
-    with edit.removed(pipe):   # W(P) of the original text encoder: the target side of the loss
-        base_ctx = sp.adapter.encode([prompts[i] for i in todo])
+    with edit.removed(pipe):   # W(P) of the original text encoders: the target side of the loss
+        base_ctx = sp.full.encode([prompts[i] for i in todo])
     at = {idx: j for j, idx in enumerate(todo)}
     batches = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     bar = tqdm(total=config.steps * len(todo), desc="p4d steps", disable=not progress, leave=False)
     for part in batches:
         state = _BatchP4D(pipe, edit, sp.subset(part), base_ctx[[at[i] for i in part]], z0[part],
-                          [rows[i] for i in part], vocab, config)
+                          [rows[i] for i in part], vocab, config, fm)
         _run_batch(state, judge, sampling, config, bar)
     bar.close()
     return rows

@@ -27,6 +27,15 @@ searched ids (the reference draws ids 1..49405 and decodes them, which can chang
 each prompt has its own random stream (attack seed, prompt, image seed), so its search does not
 depend on the batch; ``judge_every`` can judge the best prompt during the search as well as at
 its end (the reference judges only the final prompt), booking the generation of the first success.
+
+SD 3 and Flux (the paper has SD 1.4 only): ``E`` is everything the transformer reads of a prompt, by the
+pipeline's own ``encode_prompt`` (SD 3: the 77 CLIP-L/G rows, the T5 rows and the pooled vector; Flux:
+the T5 rows and CLIP-L's pooled vector), flattened together. The searched tokens are CLIP tokens (the
+round-trip vocabulary of the CLIP tokenizers); T5 has no counterpart of a CLIP id, so a candidate is
+scored on the pipeline's encoding of its decoded text, which is exactly the text that is judged. Every
+candidate then runs every text encoder, T5 included: on the full-size models the search's text-encoder
+work is dominated by T5, far above SD 1.4's CLIP-L (``protocol["search"]["text_encoder_evals"]`` counts
+candidates). The judged generations' ``unet_evals`` count transformer evaluations.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from tqdm.auto import tqdm
 from ..config import MethodConfig, check
 from ..errors import ConfigError
 from ..pipelines.family import Context, FamilyAdapter
-from ..pipelines.prefix import PrefixPrompts, attack_vocabulary
+from ..pipelines.prefix import PrefixPrompts, attack_vocabulary, clip_side
 from .baselines import evaluate_original, judged_round, prompt_generator
 from .result import PromptAttack
 
@@ -207,17 +216,34 @@ def concept_vector(adapter: FamilyAdapter, pairs: list[tuple[str, str]]) -> torc
     return (with_ - without).mean(0)
 
 
+def candidate_text(tok, ids, prompt: str | None) -> str:
+    """The text of searched token ids: decoded, and in front of ``prompt`` for the ``prefix`` insertion."""
+    found = tok.decode(list(ids)).strip()
+    return found if prompt is None else f"{found} {prompt}".strip()
+
+
 class Fitness:
     """``|| target_b - E(tokens) ||^2`` for the prompts of one batch (step 3's fitness, lower is better).
 
     ``targets``: ``B x F`` flattened concept-augmented embeddings; ``base``: per tokenizer the ``B x 77``
     ids the searched tokens go into (the empty prompt for ``replace``, each prompt for ``prefix``).
+    On SD 3 / Flux ``base`` is one text per prompt instead (None for ``replace``, the prompt for ``prefix``):
+    a candidate is scored on the pipeline's own encoding of its text (:func:`candidate_text`), every
+    encoder included, since T5 has no counterpart of a CLIP token id.
     """
 
-    def __init__(self, adapter: FamilyAdapter, vocab: torch.Tensor, targets: torch.Tensor, base: list[torch.Tensor],
+    def __init__(self, adapter: FamilyAdapter, vocab: torch.Tensor, targets: torch.Tensor, base: list,
                  chunk: int = 256):
         self.adapter, self.vocab, self.targets, self.base, self.chunk = adapter, vocab, targets, base, chunk
         self.evals = 0
+
+    def encode(self, prompt: torch.Tensor, ids: torch.Tensor) -> Context:
+        """The context of token ids ``ids`` (N x K) searched for prompts ``prompt`` (N)."""
+        if self.adapter.mmdit:
+            tok = self.adapter.tokenizers[0]   # CLIP-L: the vocabulary's tokenizer
+            return self.adapter.encode([candidate_text(tok, row.tolist(), self.base[j])
+                                        for row, j in zip(ids, prompt.tolist())])
+        return encode_ids(self.adapter, ids, [b[prompt] for b in self.base])
 
     @torch.no_grad()
     def __call__(self, prompt: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -225,7 +251,7 @@ class Fitness:
         out = []
         for i in range(0, len(rows), self.chunk):
             p = prompt[i:i + self.chunk]
-            emb = _flat(encode_ids(self.adapter, self.vocab[rows[i:i + self.chunk]], [b[p] for b in self.base]))
+            emb = _flat(self.encode(p, self.vocab[rows[i:i + self.chunk]]))
             out.append((emb - self.targets[p].to(emb.device)).pow(2).sum(-1).cpu())
         self.evals += len(rows)
         return torch.cat(out) if out else torch.zeros(0)
@@ -296,7 +322,8 @@ def search(fit_fn: Fitness, gens: list[torch.Generator], plan: dict, progress: b
 
 def search_vocabulary(adapter: FamilyAdapter, mode: str, texts: list[str]) -> torch.Tensor:
     """Token ids the search draws from (sorted): ``round_trip``/``full`` (see ``attack_vocabulary``), or
-    ``pairs``: the round-trip tokens that occur in ``texts``."""
+    ``pairs``: the round-trip tokens that occur in ``texts``. SD 3 / Flux: CLIP's (the CLIP tokenizers)."""
+    adapter = clip_side(adapter)
     if mode != "pairs":
         return attack_vocabulary(adapter.tokenizers, mode)
     allowed = set(attack_vocabulary(adapter.tokenizers, "round_trip").tolist())
@@ -323,8 +350,11 @@ def prepare_on_original(pipe, prompts, seeds, concepts, *, config: RingABellConf
     encoded = _flat(adapter.encode(list(prompts)))
     targets = torch.stack([encoded[i] + per[c]["eta"] * vectors[c].to(encoded.device)
                            for i, c in enumerate(concepts)])
-    base = [adapter.tokenize(list(prompts) if prefix else [""] * len(prompts), which=i).input_ids
-            for i in range(len(adapter.tokenizers))]
+    if adapter.mmdit:   # one text per prompt: the searched tokens are scored on the pipeline's encoding of text
+        base = [p if prefix else None for p in prompts]
+    else:
+        base = [adapter.tokenize(list(prompts) if prefix else [""] * len(prompts), which=i).input_ids
+                for i in range(len(adapter.tokenizers))]
     tok = adapter.tokenizers[0]
     candidates: list[list[str]] = [[] for _ in prompts]
     fits: list[list[float]] = [[] for _ in prompts]
@@ -333,11 +363,12 @@ def prepare_on_original(pipe, prompts, seeds, concepts, *, config: RingABellConf
     batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     for part in tqdm(batches, desc="prompt batches", disable=not progress or len(batches) < 2):
         gens = [prompt_generator(config.seed, prompts[i], seeds[i]) for i in part]
-        fit_fn = Fitness(adapter, vocab, targets[part], [b[part] for b in base])
+        fit_fn = Fitness(adapter, vocab, targets[part], [base[i] for i in part] if adapter.mmdit else
+                         [b[part] for b in base])
         marks, best, score, n_evals = search(fit_fn, gens, plan, progress)
         for j, i in enumerate(part):
-            found = [tok.decode(best[c, j].tolist()).strip() for c in range(len(marks))]
-            candidates[i] = [f"{f} {prompts[i]}".strip() for f in found] if prefix else found
+            candidates[i] = [candidate_text(tok, best[c, j].tolist(), prompts[i] if prefix else None)
+                             for c in range(len(marks))]
             fits[i] = [float(score[c, j]) for c in range(len(marks))]
             evals[i] = int(n_evals[j])
     record = {"plan": plan, "vocabulary_size": len(vocab), "text_encoder_evals": evals, "best_fitness": fits,

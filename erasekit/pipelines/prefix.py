@@ -99,12 +99,8 @@ class PrefixPrompts:
         self.k = k
         self.t5_rows = None
         if adapter.mmdit:   # the CLIP encoders carry the slots; T5 reads the plain prompts (module docstring)
-            self.t5_rows = _t5_rows(adapter, self.prompts)
-            adapter = copy.copy(adapter)
-            clip = [i for i, enc in enumerate(adapter.encoders) if type(enc).__name__.startswith("CLIPTextModel")]
-            adapter.tokenizers = [adapter.tokenizers[i] for i in clip]
-            adapter.encoders = [adapter.encoders[i] for i in clip]
-        self.adapter = adapter
+            self.t5_rows = t5_rows(adapter, self.prompts)
+        self.adapter = clip_side(adapter)
         self.base: list[Tokens] = [self.adapter.tokenize(self.prompts, which=i)
                                    for i in range(len(self.adapter.encoders))]
         self._check_fit()
@@ -221,7 +217,20 @@ class PrefixPrompts:
         return new
 
 
-def _t5_rows(adapter: FamilyAdapter, prompts: list[str]) -> torch.Tensor:
-    """The T5 rows of ``prompts`` (SD 3: the rows after the 77 CLIP rows, zeros without T5; Flux: all rows)."""
+def clip_side(adapter: FamilyAdapter) -> FamilyAdapter:
+    """``adapter`` itself on the UNet families; on SD 3 / Flux a copy that lists the CLIP tokenizers and encoders
+    only (SD 3: CLIP-L, CLIP-G; Flux: CLIP-L), the ones a CLIP token id or token embedding fits."""
+    if not adapter.mmdit:
+        return adapter
+    clip = [i for i, enc in enumerate(adapter.encoders) if type(enc).__name__.startswith("CLIPTextModel")]
+    out = copy.copy(adapter)
+    out.tokenizers = [adapter.tokenizers[i] for i in clip]
+    out.encoders = [adapter.encoders[i] for i in clip]
+    return out
+
+
+def t5_rows(adapter: FamilyAdapter, prompts: list[str]) -> torch.Tensor:
+    """The T5 rows of ``prompts`` by the pipeline's ``encode_prompt`` (SD 3: the rows after the 77 CLIP rows,
+    zeros without T5; Flux: all rows)."""
     embeds = adapter.encode(prompts).embeds
     return embeds[:, 77:] if adapter.family == "sd3" else embeds
