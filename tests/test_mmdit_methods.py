@@ -1,8 +1,9 @@
 """SLD and CA on the MMDiT families (tiny random SD 3 / Flux pipelines): the maths carried to velocity space.
 
 SLD: the hook on SD 3's transformer gives the velocity whose implied noise prediction is the paper's eq. (3)
-(module docstring of :mod:`erasekit.erase.sld`); Flux is refused with the reason. The method matrix
-(tests/test_method_matrix.py) runs both through the shared checks.
+(module docstring of :mod:`erasekit.erase.sld`); Flux is refused with the reason. CA: the flow-matching losses
+(the target's velocity regressed onto the anchor's at one noisy latent), the trained set per backbone. The method
+matrix (tests/test_method_matrix.py) runs both through the shared checks.
 """
 
 from __future__ import annotations
@@ -124,3 +125,85 @@ def test_sld_refuses_flux_and_says_why(clip_tokenizer_dir):
     message = str(info.value)
     assert "flux" in message and "guidance-distilled" in message and "classifier-free guidance" in message
     assert "uce" in message   # names methods that do support flux
+
+
+# -- CA -----------------------------------------------------------------------------------------------------------
+CA_TINY = {"anchor": "dog", "images_per_prompt": 1, "batch_size": 2, "data_steps": 2, "progress": False}
+
+
+@pytest.mark.parametrize("param_set, expected", [(None, "esd-x-strict"), ("attn", "attn")])
+def test_ca_on_mmdit_trains_every_parameter_of_its_set_and_nothing_else(tiny_mmdit, param_set, expected):
+    from erasekit.erase.param_sets import select_params
+
+    before = _state(tiny_mmdit)
+    edit = erasekit.erase(tiny_mmdit, "ca", ["Van Gogh"], steps=3, lr=1e-3, param_set=param_set, **CA_TINY)
+    assert _unchanged(before, tiny_mmdit), "erase left the pipeline changed"
+    declared = set(select_params(tiny_mmdit, expected))
+    assert set(edit.keys) <= declared and all(k.startswith("transformer/") for k in edit.keys)
+    # SD 3's last joint block (context_pre_only) drops the text side of its attention output, so its text
+    # queries get no gradient: the one part of the set that cannot move, and the Edit stores only what moved
+    last = f"transformer/transformer_blocks.{len(tiny_mmdit.transformer.transformer_blocks) - 1}.attn.add_q_proj."
+    dead = {k for k in declared if k.startswith(last)} if edit.manifest["family"] == "sd3" else set()
+    assert declared - set(edit.keys) == dead
+    for key in edit.keys:   # every trained tensor moved
+        assert not torch.equal(edit.new_weight(key, before[key]), before[key]), key
+    names = " ".join(edit.keys)
+    if expected == "esd-x-strict":   # the text keys and values of the joint attention, as ESD's kv counterpart
+        assert all(k.endswith(("attn.add_k_proj.weight", "attn.add_k_proj.bias", "attn.add_v_proj.weight",
+                               "attn.add_v_proj.bias")) for k in edit.keys)
+    elif edit.manifest["family"] == "flux":   # single-stream attention is attention too
+        assert "single_transformer_blocks.0.attn.to_q" in names and "transformer_blocks.0.attn.add_q_proj" in names
+    assert edit.manifest["anchor_set"]["sampling"]["sampler"] == "flow_euler"
+    assert edit.manifest["flow"]["resolution"] == FlowModel(tiny_mmdit).size
+
+
+@torch.no_grad()
+def _gap(pipe, z0, target: str, anchor: str) -> float:
+    """Sum over a few noise levels of || v(x_s, c*) - v(x_s, c) ||, at fixed noise."""
+    from erasekit.pipelines.flow import noisy
+
+    fm, ad = FlowModel(pipe), FamilyAdapter(pipe)
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(7))
+    total = 0.0
+    for s in (0.3, 0.6, 0.9):
+        x_s = noisy(z0, eps, torch.tensor([s]))
+        total += float((fm.predict(pipe.transformer, x_s, s, ad.encode([target]))
+                        - fm.predict(pipe.transformer, x_s, s, ad.encode([anchor]))).norm())
+    return total
+
+
+PAIRS = {"anchor_prompts": ["a photo of a dog"], "target_prompts": ["a photo of Van Gogh"]}
+
+
+def test_ca_on_sd3_regresses_the_targets_velocity_onto_the_anchors_at_the_same_noisy_latent(sd3, monkeypatch):
+    from erasekit.pipelines import flow
+
+    calls, real = [], flow.FlowModel.predict
+
+    def recording(self, call, z, sigma, ctx):
+        calls.append((z.detach().clone(), torch.as_tensor(sigma).detach().clone(), ctx.embeds.detach().clone(),
+                      torch.is_grad_enabled()))
+        return real(self, call, z, sigma, ctx)
+
+    monkeypatch.setattr(flow.FlowModel, "predict", recording)
+    erasekit.erase(sd3, "ca", ["Van Gogh"], steps=2, images_per_prompt=2, batch_size=2, data_steps=2, progress=False,
+                   **PAIRS)
+    monkeypatch.undo()
+    ad = FamilyAdapter(sd3)
+    anchor, target = ad.encode(["a photo of a dog"]).embeds, ad.encode(["a photo of Van Gogh"]).embeds
+    assert len(calls) == 4   # per step: the anchor's prediction (no grad), then the target's (trained)
+    for (z_a, s_a, c_a, grad_a), (z_t, s_t, c_t, grad_t) in zip(calls[0::2], calls[1::2]):
+        assert torch.equal(z_a, z_t) and torch.equal(s_a, s_t)   # the same x_s at the same noise level
+        assert not grad_a and grad_t
+        assert torch.equal(c_a, anchor.expand_as(c_a)) and torch.equal(c_t, target.expand_as(c_t))
+        assert ((s_a > 0) & (s_a <= 1)).all() and s_a.numel() == 2
+
+
+def test_ca_on_sd3_pulls_the_targets_velocity_onto_the_anchors(sd3):
+    z0 = generate(sd3, "a photo of a dog", [3], default_sampling(sd3, steps=2), output_type="latent")[0][None]
+    before = _gap(sd3, z0, "a photo of Van Gogh", "a photo of a dog")
+    edit = erasekit.erase(sd3, "ca", ["Van Gogh"], steps=30, lr=1e-3, images_per_prompt=2, batch_size=2, data_steps=2,
+                          progress=False, **PAIRS)
+    with edit.applied(sd3):
+        after = _gap(sd3, z0, "a photo of Van Gogh", "a photo of a dog")
+    assert after < 0.9 * before, (before, after)   # measured: 0.84 of it (random weights: both predictions move)
