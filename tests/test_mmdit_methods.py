@@ -116,6 +116,28 @@ def test_sld_changes_the_sd3_sample_and_leaves_the_pipeline(sd3):
     assert (dict(sd3.transformer._forward_hooks), dict(sd3.transformer._forward_pre_hooks)) == hooks
 
 
+def test_unlearndiffatk_attacks_an_sld_edit_on_sd3_through_the_guided_velocity(sd3, monkeypatch):
+    from _attack_helpers import ToneJudge
+
+    from erasekit.attacks import attack
+    from erasekit.erase.sld import SLDGuidance
+
+    edit = erasekit.erase(sd3, "sld", ["bright"], preset="max")
+    before, guided, real_gamma = _state(sd3), [], SLDGuidance.gamma
+
+    def counting(self, *args):   # the attack's loss (with grad) reads the hook's guided velocity
+        guided.append(torch.is_grad_enabled())
+        return real_gamma(self, *args)
+
+    monkeypatch.setattr(SLDGuidance, "gamma", counting)
+    res = attack(sd3, ["a cat"], "bright", judge=ToneJudge(255), edit=edit, sampling=default_sampling(sd3, steps=2),
+                 progress=False, steps_per_block=2, blocks=1, block_growth=1.0, restarts=1)
+    (p,) = res.prompts
+    assert p.grad_steps == 2 and p.adv_prompt.endswith(" a cat") and not p.success
+    assert guided.count(True) == 2   # one guided prediction per gradient step
+    assert _unchanged(before, sd3) and not sd3.transformer._forward_hooks
+
+
 def test_sld_refuses_flux_and_says_why(clip_tokenizer_dir):
     from conftest import build_tiny_mmdit
 
