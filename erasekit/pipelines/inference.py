@@ -175,8 +175,9 @@ class UNetCall:
 
 
 def latent_name(module) -> str:
-    """The forward's name of the latents: ``sample`` (UNet) or ``hidden_states`` (SD 3 / Flux transformer)."""
-    return next(iter(inspect.signature(module.forward).parameters))
+    """The forward's name of the latents: ``sample`` (UNet) or ``hidden_states`` (SD 3 / Flux transformer), read
+    from the class (an instance's forward may be wrapped or patched)."""
+    return list(inspect.signature(type(module).forward).parameters)[1]
 
 
 def output_sample(output) -> torch.Tensor:
