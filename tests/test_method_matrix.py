@@ -31,6 +31,7 @@ import erasekit
 from erasekit.erase import registry
 from erasekit.errors import ConfigError, EditError
 from erasekit.pipelines import Edit, default_sampling, generate
+from erasekit.pipelines.mmdit import denoiser
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 CONCEPTS = ["Van Gogh"]
@@ -184,10 +185,11 @@ def test_apply_changes_only_the_edit_keys_and_remove_restores_bitwise(matrix, me
     if edit.inference_time:   # nothing to apply: sampled hooks the pipeline for the block, then unhooks it
         with pytest.raises(EditError, match="sampled"):
             edit.apply(pipe)
-        hooks = (dict(pipe.unet._forward_pre_hooks), dict(pipe.unet._forward_hooks))
+        net = denoiser(pipe)   # the UNet, or the SD 3 / Flux transformer
+        hooks = (dict(net._forward_pre_hooks), dict(net._forward_hooks))
         with edit.sampled(pipe) as sampler:
-            assert (dict(sampler.unet._forward_pre_hooks), dict(sampler.unet._forward_hooks)) != hooks
-        assert (dict(pipe.unet._forward_pre_hooks), dict(pipe.unet._forward_hooks)) == hooks
+            assert (dict(denoiser(sampler)._forward_pre_hooks), dict(denoiser(sampler)._forward_hooks)) != hooks
+        assert (dict(net._forward_pre_hooks), dict(net._forward_hooks)) == hooks
         assert not _differences(before, pipe)
         return
     edit.apply(pipe)

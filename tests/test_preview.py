@@ -358,6 +358,102 @@ def test_download_gives_the_edit_file(world, monkeypatch):
     assert _compare(session, "inside.safetensors")[3] == str(root / "inside.safetensors")
 
 
+# -- SD 3 / Flux ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_sd3(clip_tokenizer_dir):
+    """One tiny SD 3 pipeline for the module: every test leaves its weights as they were."""
+    from conftest import build_tiny_mmdit
+
+    return build_tiny_mmdit("sd3", clip_tokenizer_dir)
+
+
+def _weights(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(before: dict, module) -> bool:
+    return all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_compare_samples_an_mmdit_pipeline_with_flow_euler_at_the_steps_asked_for(family, tiny_sd3, clip_tokenizer_dir,
+                                                                                  tmp_path):
+    from conftest import build_tiny_mmdit
+
+    pipe = tiny_sd3 if family == "sd3" else build_tiny_mmdit("flux", clip_tokenizer_dir)
+    session = preview.PreviewSession(pipe, family, out_dir=tmp_path)
+    before, calls = _weights(pipe.transformer), []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        original, erased, status, path = _compare(session, None, "uce", "Van Gogh", 3, family)
+    finally:
+        handle.remove()
+    assert "**uce** erased Van Gogh" in status and "3 flow_euler steps" in status
+    assert Path(path).exists() and path.endswith(".safetensors")
+    assert original.size == erased.size and original.tobytes() != erased.tobytes()   # the concept's context moved
+    per_image = 3   # SD 3: classifier-free guidance batches both halves in one call; Flux: one conditional pass
+    assert len(calls) == 2 * per_image   # original and erased, one transformer call per step each
+    assert _same(before, pipe.transformer), "the preview left the transformer changed"
+
+
+def test_an_mmdit_attack_runs_unlearndiffatk_and_counts_denoiser_evaluations(tiny_sd3, tmp_path):
+    from erasekit.eval.judges import Judge
+
+    class NeverSeen(Judge):
+        """Never sees the concept, so every round of the attack runs."""
+
+        name, heads = "never", {"style": ["other", "Van Gogh"]}
+
+        def __init__(self):
+            self.images = 0
+
+        def classify(self, images):
+            self.images += len(images)
+            return {"style": torch.zeros(len(images), dtype=torch.long).numpy()}
+
+    judge = NeverSeen()
+    session = preview.PreviewSession(tiny_sd3, "sd3", judge, out_dir=tmp_path)
+    before = _weights(tiny_sd3.transformer)
+    adv, image, status = session.attack("sd3", None, "uce", "Van Gogh", PROMPT, 0, 2, steps_per_block=2, blocks=1,
+                                        block_growth=1.0, restarts=1)
+    assert adv.endswith(PROMPT) and adv != PROMPT and image.size[0] >= preview.DISPLAY_SIZE
+    assert status.startswith("unlearndiffatk: the concept stayed erased") and "denoiser evaluations" in status
+    assert "UNet" not in status and judge.images >= 2
+    assert _same(before, tiny_sd3.transformer), "the attack left the transformer changed"
+
+
+def test_cancel_stops_an_esd_run_on_an_mmdit_at_a_transformer_call(tiny_sd3, tmp_path):
+    session = preview.PreviewSession(tiny_sd3, "sd3", out_dir=tmp_path)
+    before, count, said = _weights(tiny_sd3.transformer), [0], []
+
+    def hook(*_):
+        count[0] += 1
+        if count[0] == 6:
+            said.append(session.cancel("visitor"))
+
+    handle = tiny_sd3.transformer.register_forward_pre_hook(hook)
+    try:
+        message = _message(_compare, session, None, "esd", "Van Gogh", 2, "sd3", 0, "visitor")
+    finally:
+        handle.remove()
+    assert message.startswith("cancelled") and said == ["Cancelled."] and count[0] == 6
+    assert _same(before, tiny_sd3.transformer) and not session.edits
+    assert not tiny_sd3.transformer._forward_pre_hooks
+
+
+def test_a_pipeline_without_components_is_cancelled_at_its_denoiser(tiny_sd3):
+    class Bare:   # what a caller may hand over: a transformer, no ``components``
+        transformer = tiny_sd3.transformer
+
+    cancel = threading.Event()
+    with preview._cancellable(Bare(), cancel):
+        assert len(tiny_sd3.transformer._forward_pre_hooks) == 1
+        cancel.set()
+        with pytest.raises(preview.Cancelled):
+            tiny_sd3.transformer(torch.zeros(1, 4, 8, 8))   # stopped before its forward runs
+    assert not tiny_sd3.transformer._forward_pre_hooks
+
+
 # -- errors -----------------------------------------------------------------------------------------
 def test_unexpected_errors_reach_the_ui_with_their_message(caplog):
     import gradio as gr

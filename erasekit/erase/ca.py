@@ -40,6 +40,21 @@ Parameter groups (reference ``--parameter_group``): ``kv`` / ``cross-attn`` (``a
 ``attn2.to_v``, default), ``attn`` (q, k, v, out of every attention), ``full-weight`` (the
 whole UNet); any named set of :mod:`.param_sets` is accepted too.
 
+SD 3 / Flux (flow matching, :mod:`erasekit.pipelines.flow`): the transformer predicts the velocity v of
+``x_s = (1 - s) x + s eps``, and every term above becomes the model's own flow-matching loss, as ESD and SalUn
+carry theirs: ``s = shift(t / T)``, ``t ~ U{1..T}`` (the scheduler's training grid and shift), the model-based
+loss ``|| v_theta(x_s, c*, s) - stopgrad v_theta(x_s, c, s) ||^2``, the noise-based one and the prior term with
+the target ``v = eps - x``. Matching velocities is matching the implied noise predictions
+(``eps = x_s + (1 - s) v``, one affine map for every text at a fixed ``(x_s, s)``) weighted by ``1 / (1 - s)^2``,
+the weighting of the model's own training loss, so the minimiser at each ``(x_s, s)`` is the paper's. The anchor
+images are drawn with flow Euler (``data_steps``, ``data_guidance``) at the native size and kept as the
+transformer's latents (Flux's packed). Parameter groups, as ESD chooses them on an MMDiT: ``kv`` /
+``cross-attn`` the joint attention's text keys and values (``attn.add_k_proj``, ``add_v_proj``: ESD's
+``esd-x-strict``), ``attn`` every attention projection of the transformer (joint blocks: ``to_q``, ``to_k``,
+``to_v``, ``to_out``, ``add_q/k/v_proj``, ``to_add_out``; Flux's single-stream blocks: ``to_q``, ``to_k``,
+``to_v``), ``full-weight`` the whole transformer. A guidance-distilled Flux (FLUX.1-dev) reads its pipeline's
+default guidance embedding in every call, drawing the anchors and training alike.
+
 Defaults on real models (reference README, one process): style / object 200 steps at batch 4,
 lr 2e-6 scaled by the batch (``--scale_lr``) = 8e-6, 1000 anchor images (25 DDIM steps, CFG 6);
 nudity 800 steps, lr 4e-6 x 4 x 2 (prior preservation doubles it) = 3.2e-5. Deviations
@@ -88,6 +103,16 @@ def _attn(pipe):
                             is not None)
 
 
+_MMDIT_ATTN = r"\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
+
+
+@register_param_set("attn", "every attention projection of the transformer blocks (image and text side)",
+                    mmdit=True)
+def _mmdit_attn(pipe):
+    return component_params(pipe, "transformer", lambda m, mod, n: isinstance(mod, torch.nn.Linear)
+                            and re.search(_MMDIT_ATTN, f".{m}") is not None)
+
+
 @dataclass
 class CAConfig(TrainConfig):
     """Options of Concept Ablation (None means "from the preset")."""
@@ -110,7 +135,8 @@ class CAConfig(TrainConfig):
     preset: str = field(default="auto", metadata={"help": "auto, style, object, nudity, or a provider's "
                                                           "(canvas-mini: canvas)"})
     images_per_prompt: int | None = field(default=None, metadata={"help": "generated anchor images per prompt"})
-    data_steps: int = field(default=25, metadata={"help": "DDIM steps when generating the anchor images"})
+    data_steps: int = field(default=25, metadata={"help": "DDIM steps (flow Euler on sd3/flux) when generating "
+                                                         "the anchor images"})
     data_guidance: float = field(default=6.0, metadata={"help": "guidance when generating the anchor images"})
     data_seed: int = field(default=0, metadata={"help": "first seed of the generated images"})
 
@@ -189,30 +215,50 @@ def _params(pipe, name: str) -> dict:
     return select_params(pipe, GROUPS.get(str(name).strip().lower(), name))
 
 
-@register("ca", CAConfig, components=("unet",))
+def _predictor(pipe, ctx, row: dict):
+    """(noiser, ``predict(x_t, t, prompts)`` in float32, manifest extras) of the pipeline's kind: a UNet's eps
+    (or v) at DDPM timesteps, or an SD 3 / Flux transformer's velocity at flow-matching sigmas."""
+    from ..pipelines import FamilyAdapter
+    from .salun import _FlowNoiser, _Noiser
+
+    def texts(prompts: list[str]):
+        return ctx[torch.tensor([row[p] for p in prompts])]
+
+    if not FamilyAdapter(pipe).mmdit:
+        def eps(x_t, t, prompts):
+            return pipe.unet(x_t, t, **texts(prompts).unet_kwargs(pipe)).sample.float()
+
+        return _Noiser(pipe), eps, {}
+    from ..pipelines.flow import FlowModel
+
+    fm = FlowModel(pipe)   # the native size, at which the anchor latents were drawn
+
+    def velocity(x_s, s, prompts):
+        return fm.predict(pipe.transformer, x_s, s, texts(prompts))
+
+    return _FlowNoiser(fm), velocity, {"flow": {"resolution": fm.size, "guidance_embed": fm.guidance}}
+
+
+@register("ca", CAConfig, components=("unet", "transformer"), families=("sd1", "sd2", "sdxl", "sd3", "flux"))
 def ca(pipe, concepts: list[str], config: CAConfig):
     """Erase ``concepts`` with Concept Ablation; returns an Edit of the trained weights (see module docstring)."""
     from ..pipelines import FamilyAdapter
-    from ..pipelines.generation import Sampling
-    from .salun import _Noiser
+    from ..pipelines.generation import default_sampling
 
     about = concept_context(pipe, concepts, config)
     preset, opts, pairs = make_pairs(concepts, config, about)
     params = _params(pipe, opts["param_set"])   # a bad set fails before any image is drawn
     anchors = list(dict.fromkeys(a for _, a in pairs))
     images = generate_set(pipe, anchors, opts["images_per_prompt"], config.data_seed,
-                          Sampling(steps=config.data_steps, guidance=config.data_guidance),
-                          progress=config.progress, name="anchor")
+                          default_sampling(pipe, steps=config.data_steps, guidance=config.data_guidance),
+                          progress=config.progress, name="anchor")   # DDIM, or flow Euler on sd3 / flux
     targets_of: dict[str, list[str]] = {}
     for c_star, c in pairs:
         targets_of.setdefault(c, []).append(c_star)
     texts = sorted(set(anchors) | {c_star for c_star, _ in pairs})
     row = {p: i for i, p in enumerate(texts)}
-    ctx = FamilyAdapter(pipe).encode(texts)
-    noiser, b, unet = _Noiser(pipe), opts["batch_size"], pipe.unet
-
-    def cond(prompts: list[str]) -> dict:
-        return ctx[torch.tensor([row[p] for p in prompts])].unet_kwargs(pipe)
+    noiser, predict, extras = _predictor(pipe, FamilyAdapter(pipe).encode(texts), row)
+    b = opts["batch_size"]
 
     with Trainer(pipe, params, config, steps=opts["steps"], lr=opts["lr"]) as tr:
         def loss_fn(i: int) -> torch.Tensor:
@@ -223,19 +269,18 @@ def ca(pipe, concepts: list[str], config: CAConfig):
             x_t, t, noise_target = noiser(z0, tr.rng)
             if config.loss == "model":
                 with torch.no_grad():   # the anchor prediction of the model itself, stop-gradient
-                    target = unet(x_t, t, **cond(anchor_prompts)).sample.float()
+                    target = predict(x_t, t, anchor_prompts)
             else:
                 target = noise_target.float()
-            loss = F.mse_loss(unet(x_t, t, **cond(target_prompts)).sample.float(), target)
+            loss = F.mse_loss(predict(x_t, t, target_prompts), target)
             if opts["prior_preservation"]:
                 z_p, p_p = images.batch(cycle_indices(len(images), b, pos, config.seed + 1), tr.device)
                 x_p, t_p, target_p = noiser(z_p, tr.rng)
-                loss = loss + config.prior_weight * F.mse_loss(unet(x_p, t_p, **cond(p_p)).sample.float(),
-                                                               target_p.float())
+                loss = loss + config.prior_weight * F.mse_loss(predict(x_p, t_p, p_p), target_p.float())
             return loss
 
         values = {k: v for k, v in opts.items() if k != "preset"}
         return tr.fit(loss_fn, manifest={
-            "resolved": opts, "loss": config.loss, "anchor_set": images.protocol,
+            "resolved": opts, "loss": config.loss, "anchor_set": images.protocol, **extras,
             "pair_examples": [{"target": c_star, "anchor": c} for c_star, c in pairs[:3]],
             **about.record(preset, {**values, "loss": config.loss, "prior_weight": config.prior_weight})})

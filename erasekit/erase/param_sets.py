@@ -49,6 +49,8 @@ Other engineers add sets (e.g. text-encoder layers for AdvUnlearn) with::
     @register_param_set("text-encoder-attn", "self-attention of the text encoder")
     def _te_attn(pipe): return component_params(pipe, "text_encoder", lambda mod, name, p: ...)
 
+and ``register_param_set(name, help, mmdit=True)`` gives a name its SD 3 / Flux meaning (CA's ``attn``).
+
 :func:`select_params` refuses unknown names (listing the valid ones) and sets that select nothing,
 so an empty optimizer (the rewrite's README ``xattn`` pitfall) cannot happen silently.
 """
@@ -62,13 +64,15 @@ from torch import nn
 from ..errors import ConfigError
 
 _SETS: dict[str, tuple[Callable, str]] = {}
+_MMDIT_SETS: dict[str, tuple[Callable, str]] = {}   # the same names on SD 3 / Flux (section below)
 
 
-def register_param_set(name: str, help: str):
-    """Decorator: register ``fn(pipe) -> {"<component>/<name>": Parameter}`` as a named set."""
+def register_param_set(name: str, help: str, mmdit: bool = False):
+    """Decorator: register ``fn(pipe) -> {"<component>/<name>": Parameter}`` as a named set (``mmdit``: the
+    set of that name on SD 3 / Flux pipelines, selecting ``transformer`` parameters)."""
 
     def deco(fn: Callable) -> Callable:
-        _SETS[name] = (fn, help)
+        (_MMDIT_SETS if mmdit else _SETS)[name] = (fn, help)
         return fn
 
     return deco
@@ -182,7 +186,6 @@ def _te_ffn(pipe):
 
 
 # -- MMDiT (SD 3, Flux): the transformer's sets, same names (module docstring) ---------------------------
-_MMDIT_SETS: dict[str, tuple[Callable, str]] = {}
 _TEXT_SIDE = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 _TEXT_STREAM = (".ff_context.", ".norm1_context.")
 

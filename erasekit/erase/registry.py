@@ -41,6 +41,7 @@ class MethodConfig(_BaseConfig):
 
 _REGISTRY: dict[str, tuple[type, Callable]] = {}
 _FAMILIES: dict[str, tuple[str, ...]] = {}   # method -> the model families it supports
+_REFUSALS: dict[str, dict[str, str]] = {}    # method -> {family it refuses: why}
 # Methods live in their own modules, imported on first use so `import erasekit` stays light.
 _MODULES = {"uce": "uce", "rece": "rece", "esd": "esd", "salun": "salun", "advunlearn": "advunlearn",
             "sfd": "sfd", "fmn": "fmn", "ca": "ca",
@@ -48,7 +49,7 @@ _MODULES = {"uce": "uce", "rece": "rece", "esd": "esd", "salun": "salun", "advun
 
 
 def register(name: str, config_cls: type[MethodConfig], components: tuple[str, ...] | None = None,
-             families: tuple[str, ...] | None = None):
+             families: tuple[str, ...] | None = None, refusals: dict[str, str] | None = None):
     """Decorator: register ``fn(pipe, concepts, config) -> Edit`` under ``name``.
 
     ``components``: the pipeline components its Edits change (e.g. ``("unet",)``). Declared, they are
@@ -56,6 +57,7 @@ def register(name: str, config_cls: type[MethodConfig], components: tuple[str, .
     for a file that names this method.
     ``families``: the model families (:data:`~erasekit.pipelines.family.FAMILIES`) the method supports;
     None: the UNet families sd1, sd2 and sdxl. :func:`erase` refuses any other pipeline before the method runs.
+    ``refusals``: ``{family: why}`` for families refused by design; the reason goes into the refusal.
     """
     from ..pipelines.edit import declare_components
     from ..pipelines.family import FAMILIES, UNET_FAMILIES
@@ -72,6 +74,7 @@ def register(name: str, config_cls: type[MethodConfig], components: tuple[str, .
             declare_components(name, components)
         _REGISTRY[name] = (config_cls, fn)
         _FAMILIES[name] = families
+        _REFUSALS[name] = dict(refusals or {})
         fn.config_class = config_cls
         return fn
 
@@ -141,8 +144,10 @@ def erase(pipe, method: str, concepts, config: MethodConfig | None = None, **opt
 
     family, supported = detect_family(pipe), supported_families(method)
     if family not in supported:
+        why = _REFUSALS.get(method.lower().strip(), {}).get(family)
         raise ConfigError(f"method {method!r} supports {', '.join(supported)} pipelines, but this one is {family}: "
-                          f"choose a method that supports {family} ({', '.join(_supporting(family)) or 'none yet'})")
+                          + (f"{why}; " if why else "")
+                          + f"choose a method that supports {family} ({', '.join(_supporting(family)) or 'none yet'})")
     net = denoiser(pipe)
     with measure(net.device) as usage, run_scope(method.lower(), concepts):
         edit = fn(pipe, concepts, config)

@@ -13,7 +13,7 @@ at a step t (paper eqs. 3-8)::
 and gamma_t = 0 during the first delta (warm-up) steps. s_g is the pipeline's own guidance scale.
 
 How it runs (:mod:`erasekit.pipelines.inference`): :func:`sld` returns an inference-time Edit (no
-tensors; ``"sampler": "sld"``). ``with edit.sampled(pipe) as p`` hooks ``p.unet`` so that its
+tensors; ``"sampler": "sld"``). ``with edit.sampled(pipe) as p`` hooks ``p.unet`` (SD 3: ``p.transformer``) so that its
 *conditional* prediction becomes eps_c - gamma_t; the pipeline's own CFG then gives eq. (3) exactly,
 on SD 1.x, 2.x and SDXL alike (diffusers' ``StableDiffusionPipelineSafe`` is deprecated and SD 1 only,
 so it is not used). In a CFG batch the hook takes eps_u from the batch and adds one UNet pass for
@@ -25,6 +25,24 @@ momentum needs a sampling trajectory; the hook keeps one per CFG run, reset when
 The warm-up is a share of the trajectory: delta counts steps of the paper's 50-step sampler, and
 gamma_t applies at timesteps t < T (1 - delta / 50), which is the paper's "step index >= delta" for
 50 DDIM steps and the same share of the trajectory at any other step count or for a direct call.
+
+**SD 3 (flow matching).** The transformer predicts the velocity v of ``x_s = (1 - s) x0 + s eps``; at a fixed
+``(x_s, s)`` the noise prediction it implies is ``eps = x_s + (1 - s) v``, one affine map for every text
+condition. Eq. (3) is a combination of predictions whose weights sum to one (CFG's ``1 - s_g``, ``s_g``) plus
+differences of predictions (gamma_t), so it maps through that affine map exactly: the guided velocity is
+``v_u + s_g ((v_c - v_u) - gamma_t / (1 - s))`` and its implied eps is the paper's eq. (3). The hook on
+``pipe.transformer`` therefore works as on a UNet (the SD 3 pipeline batches its CFG the same way), with the
+element-wise parts in the paper's units: mu_t reads ``eps_c - eps_S = (1 - s)(v_c - v_S)`` (so s_S and lambda
+keep their meaning), and the momentum nu accumulates gamma in noise units (the factor ``1 - s`` changes
+along the trajectory). The warm-up is "step >= delta of the pipeline's own 50-step schedule": gamma applies
+where ``s`` is below the midpoint of that schedule's sigmas ``delta - 1`` and ``delta`` (its shift included).
+At ``s = 1`` (the first step) every condition implies ``eps = x_s``, so mu_t = 0 there, as the map says.
+
+**Flux is refused.** Eq. (3) steers classifier-free guidance: it needs the unconditional prediction and the
+pipeline's guidance scale at every step. FLUX.1-dev is guidance-distilled (one conditional pass per step,
+the guidance scale an input embedding) and FLUX.1-schnell has no guidance at all, so their sampling has no
+eps_u and no s_g to steer; SLD there would be a different method (e.g. subtracting the distilled model's
+``D(S) - D("")``), whose approximation to eq. (3) nobody has measured.
 
 Presets (diffusers' ``SafetyConfig``, the paper's table 1), chosen with ``preset``:
 
@@ -64,6 +82,9 @@ I2P_CONCEPT = ("an image showing hate, harassment, violence, suffering, humiliat
                "abuse, brutality, cruelty")
 PAPER_STEPS = 50   # the sampler the paper's delta counts steps of
 NUMBERS = tuple(PRESETS["medium"])
+FLUX_REFUSAL = ("SLD steers classifier-free guidance (eq. 3 needs the unconditional prediction and the guidance "
+                "scale at every step), but FLUX.1-dev is guidance-distilled (one conditional pass, the guidance an "
+                "input embedding) and FLUX.1-schnell has no guidance, so there is none to steer")
 
 
 def _preset(help: str):
@@ -116,7 +137,8 @@ def resolve(config: SLDConfig, concepts: list[str], ctx) -> tuple[str, dict]:
     return name, values
 
 
-@register("sld", SLDConfig, components=("unet",))
+@register("sld", SLDConfig, components=("unet",), families=("sd1", "sd2", "sdxl", "sd3"),
+          refusals={"flux": FLUX_REFUSAL})
 def sld(pipe, concepts: list[str], config: SLDConfig):
     """An inference-time Edit that samples ``pipe`` with safe latent diffusion away from ``concepts``.
 
@@ -136,50 +158,85 @@ def sld(pipe, concepts: list[str], config: SLDConfig):
 
 
 class SLDGuidance:
-    """The hook state of one ``edit.sampled`` block: the contexts, and the momentum of the running trajectory."""
+    """The hook state of one ``edit.sampled`` block: the contexts, and the momentum of the running trajectory.
+
+    Predictions are the denoiser's own (eps on a UNet, the velocity v on SD 3); ``scale`` is, per row, how
+    much the implied noise prediction moves per unit of prediction (1 on a UNet, ``1 - s`` on SD 3, module
+    docstring), so mu_t and the momentum are computed in noise units on both.
+    """
 
     def __init__(self, pipe, values: dict):
         from ..pipelines.family import FamilyAdapter
+        from ..pipelines.generation import is_flow_matching
         from ..pipelines.inference import train_timesteps, unconditional_context
+        from ..pipelines.mmdit import denoiser
 
-        self.pipe, self.v = pipe, values
+        self.pipe, self.v, self.net = pipe, values, denoiser(pipe)
         self.safety = FamilyAdapter(pipe).encode([values["safety_concept"]])
         self.uncond = unconditional_context(pipe)
-        self.t_warm = train_timesteps(pipe) * (1 - values["warmup_steps"] / PAPER_STEPS)
+        self.T, self.flow = train_timesteps(pipe), is_flow_matching(pipe)
+        self.t_warm = self.warmup_end()
         self.nu, self.last_t = None, None
 
-    def gamma(self, eps_c, eps_u, eps_s) -> torch.Tensor:
-        """mu_t (eps_S - eps_u) (eqs. 4-6), element-wise, in float32."""
-        diff = eps_c - eps_s
+    def warmup_end(self) -> float:
+        """The timestep below which gamma applies: ``T (1 - delta / 50)`` (DDPM), or the midpoint of the flow
+        schedule's 50-step sigmas ``delta - 1`` and ``delta`` times T (SD 3 calls its transformer at ``T s``)."""
+        delta = self.v["warmup_steps"]
+        if not self.flow:
+            return self.T * (1 - delta / PAPER_STEPS)
+        if delta == 0:
+            return float("inf")
+        from ..pipelines.flow import FlowModel
+
+        sigmas = FlowModel(self.pipe).sigmas(PAPER_STEPS)
+        return self.T * float(sigmas[delta - 1] + sigmas[delta]) / 2
+
+    def scale(self, t: torch.Tensor, ndim: int) -> torch.Tensor | None:
+        """Per row, d eps / d prediction (None for a noise prediction; ``1 - s`` for a velocity), broadcastable."""
+        if not self.flow:
+            return None
+        return (1 - t / self.T).clamp(0, 1).view(-1, *([1] * (ndim - 1)))
+
+    def gamma(self, eps_c, eps_u, eps_s, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """mu_t (eps_S - eps_u) (eqs. 4-6), element-wise, in float32 and the predictions' units; mu_t reads
+        ``scale (eps_c - eps_S)``, the difference in noise units."""
+        diff = eps_c - eps_s if scale is None else scale * (eps_c - eps_s)
         mu = torch.clamp(diff.abs() * self.v["guidance_scale"], max=1.0)
         mu = torch.where(diff >= self.v["threshold"], torch.zeros_like(mu), mu)
         return mu * (eps_s - eps_u)
 
-    def momentum(self, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """gamma_t + s_m nu_t, and nu_{t+1} (eqs. 7-8); a new trajectory (t not falling, other batch) starts at 0."""
+    def momentum(self, g: torch.Tensor, t: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """gamma_t + s_m nu_t, and nu_{t+1} (eqs. 7-8); a new trajectory (t not falling, other batch) starts at 0.
+
+        nu is kept in noise units: ``g`` (prediction units) is multiplied by ``scale`` going in, and the sum
+        divided by it coming out (where ``scale`` is 0, at s = 1, ``g`` is returned: every condition implies
+        the same noise there)."""
         t0 = float(t.max())
         if self.nu is None or self.nu.shape != g.shape or self.last_t is None or t0 >= self.last_t:
             self.nu = torch.zeros_like(g)
-        g = g + self.v["momentum_scale"] * self.nu
-        self.nu = (self.v["momentum_beta"] * self.nu + (1 - self.v["momentum_beta"]) * g).detach()
+        total = (g if scale is None else scale * g) + self.v["momentum_scale"] * self.nu
+        self.nu = (self.v["momentum_beta"] * self.nu + (1 - self.v["momentum_beta"]) * total).detach()
         self.last_t = t0
-        return g
+        if scale is None:
+            return total
+        return torch.where(scale > 0, total / scale.clamp_min(torch.finfo(total.dtype).tiny), g)
 
     def __call__(self, call, pred: torch.Tensor) -> torch.Tensor:
         from ..pipelines.inference import cfg_split
 
-        unet = self.pipe.unet
+        net = self.net
         b = cfg_split(self.pipe, call)
         cond = call if b is None else call.rows(slice(b, None))
         eps_c = pred.float() if b is None else pred[b:].float()
         with torch.no_grad():   # constants for an attack's gradient, which reaches eps_c only
-            eps_u = (cond.with_context(self.uncond.embeds, self.uncond.pooled).run(unet) if b is None
+            eps_u = (cond.with_context(self.uncond.embeds, self.uncond.pooled).run(net) if b is None
                      else pred[:b]).float()
-            eps_s = cond.with_context(self.safety.embeds, self.safety.pooled).run(unet).float()
-        g = self.gamma(eps_c, eps_u, eps_s)
+            eps_s = cond.with_context(self.safety.embeds, self.safety.pooled).run(net).float()
         t = cond.timesteps()
+        scale = self.scale(t, eps_c.ndim)
+        g = self.gamma(eps_c, eps_u, eps_s, scale)
         if b is not None:
-            g = self.momentum(g, t)
+            g = self.momentum(g, t, scale)
         active = (t < self.t_warm).to(g.dtype).view(-1, *([1] * (g.ndim - 1)))
         out = (eps_c - active * g).to(pred.dtype)
         return out if b is None else torch.cat([pred[:b], out])
@@ -187,11 +244,13 @@ class SLDGuidance:
 
 @contextmanager
 def sld_sampler(pipe, edit):
-    """``edit.sampled(pipe)`` for SLD: ``pipe`` with its UNet hooked for the block (module docstring)."""
+    """``edit.sampled(pipe)`` for SLD: ``pipe`` with its denoiser (UNet, or SD 3's transformer) hooked for the
+    block (module docstring)."""
     from ..pipelines.inference import resolved_values, unet_hooks
+    from ..pipelines.mmdit import denoiser
 
     values = resolved_values(edit, ("safety_concept", *NUMBERS))
-    with unet_hooks(pipe.unet, post=SLDGuidance(pipe, values)):
+    with unet_hooks(denoiser(pipe), post=SLDGuidance(pipe, values)):
         yield pipe
 
 

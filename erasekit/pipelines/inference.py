@@ -14,17 +14,19 @@ an Edit file before that finds the sampler through the resolver the method regis
 any method registers (:func:`add_resolver`); the CLI imports an Edit's method when it loads the file.
 Otherwise :meth:`Edit.sampled` raises an :class:`~erasekit.errors.EditError` that names the import.
 
-The hooks are on the UNet *module* (:func:`unet_hooks`, torch forward hooks with keyword
-arguments), so every caller of ``pipe.unet`` gets the method's prediction: the pipeline's own
-denoising loop, and the attacks that call the UNet directly (UnlearnDiffAtk). A hook tells the
-two apart by the batch layout (:func:`cfg_split`): diffusers' classifier-free guidance batches the
-unconditional rows first and the conditional rows second, with the same latents and timestep in
-both halves; any other call has only conditional rows. The UNet calls a hook makes itself
-(:meth:`UNetCall.run`) are not hooked again.
+The hooks are on the denoiser *module* (:func:`unet_hooks`, torch forward hooks with keyword
+arguments: ``pipe.unet``, or an SD 3 pipeline's ``pipe.transformer``), so every caller of it gets the
+method's prediction: the pipeline's own denoising loop, and the attacks that call it directly
+(UnlearnDiffAtk). A hook tells the two apart by the batch layout (:func:`cfg_split`): diffusers'
+classifier-free guidance batches the unconditional rows first and the conditional rows second, with
+the same latents and timestep in both halves; any other call has only conditional rows. The calls a
+hook makes itself (:meth:`UNetCall.run`) are not hooked again. A transformer's call reads its latents
+as ``hidden_states`` and its pooled text as ``pooled_projections`` (:class:`UNetCall` keeps the names).
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -75,16 +77,25 @@ def is_inference_sampler(name) -> bool:
 # -- hooks on the UNet ------------------------------------------------------------------------------
 @dataclass
 class UNetCall:
-    """One call of a diffusers UNet, split into latents, timestep, text context and the other options."""
+    """One call of a diffusers UNet (or an SD 3 / Flux transformer), split into latents, timestep, text context
+    and the other options. ``latent_name`` is the forward's name of the latents: ``sample`` for a UNet,
+    ``hidden_states`` for a transformer, whose pooled text stays in ``kwargs["pooled_projections"]``."""
 
     sample: torch.Tensor
     timestep: torch.Tensor | float | int
     encoder_hidden_states: torch.Tensor
     kwargs: dict = field(default_factory=dict)
+    latent_name: str = "sample"
 
     @classmethod
-    def parse(cls, args: tuple, kwargs: dict) -> "UNetCall":
+    def parse(cls, args: tuple, kwargs: dict, latent_name: str = "sample") -> "UNetCall":
         kw = dict(kwargs)
+        if latent_name != "sample":   # a transformer: forward(hidden_states, encoder_hidden_states, ...)
+            if len(args) > 1:
+                raise EditError("an inference-time Edit's transformer hook expects every input after the latents "
+                                "as a keyword (as diffusers pipelines pass them)")
+            latents = args[0] if args else kw.pop(latent_name, None)
+            return cls(latents, kw.pop("timestep", None), kw.pop("encoder_hidden_states", None), kw, latent_name)
         names = ("sample", "timestep", "encoder_hidden_states")
         values = [args[i] if i < len(args) else kw.pop(n, None) for i, n in enumerate(names)]
         if len(args) > 3:
@@ -93,6 +104,9 @@ class UNetCall:
         return cls(*values, kw)
 
     def hook_args(self) -> tuple[tuple, dict]:
+        if self.latent_name != "sample":
+            return (), {self.latent_name: self.sample, "timestep": self.timestep,
+                        "encoder_hidden_states": self.encoder_hidden_states, **self.kwargs}
         return (self.sample, self.timestep), {"encoder_hidden_states": self.encoder_hidden_states, **self.kwargs}
 
     @property
@@ -116,7 +130,7 @@ class UNetCall:
             return v
 
         return UNetCall(self.sample[idx], pick(self.timestep), self.encoder_hidden_states[idx],
-                        {k: pick(v) for k, v in self.kwargs.items()})
+                        {k: pick(v) for k, v in self.kwargs.items()}, self.latent_name)
 
     def append_rows(self, idx: torch.Tensor, encoder_hidden_states: torch.Tensor) -> "UNetCall":
         """This call with rows ``idx`` repeated after the batch (every per-row option alike), the repeats
@@ -131,10 +145,12 @@ class UNetCall:
             return v
 
         ehs = torch.cat([self.encoder_hidden_states, encoder_hidden_states.to(self.encoder_hidden_states)])
-        return UNetCall(grow(self.sample), grow(self.timestep), ehs, {k: grow(v) for k, v in self.kwargs.items()})
+        return UNetCall(grow(self.sample), grow(self.timestep), ehs, {k: grow(v) for k, v in self.kwargs.items()},
+                        self.latent_name)
 
     def with_context(self, embeds: torch.Tensor, pooled: torch.Tensor | None = None) -> "UNetCall":
-        """The same call with another text context (one row broadcast to the batch); SDXL's pooled too."""
+        """The same call with another text context (one row broadcast to the batch); the pooled text too
+        (SDXL's ``added_cond_kwargs["text_embeds"]``, a transformer's ``pooled_projections``)."""
         ehs = self.encoder_hidden_states
         embeds = embeds.to(ehs.device, ehs.dtype).expand(self.batch, *ehs.shape[1:])
         kwargs = dict(self.kwargs)
@@ -142,6 +158,9 @@ class UNetCall:
         if pooled is not None and added is not None and "text_embeds" in added:
             te = added["text_embeds"]
             kwargs["added_cond_kwargs"] = {**added, "text_embeds": pooled.to(te.device, te.dtype).expand_as(te)}
+        pp = kwargs.get("pooled_projections")
+        if pooled is not None and isinstance(pp, torch.Tensor):
+            kwargs["pooled_projections"] = pooled.to(pp.device, pp.dtype).expand_as(pp)
         return replace(self, encoder_hidden_states=embeds, kwargs=kwargs)
 
     def run(self, unet) -> torch.Tensor:
@@ -155,12 +174,19 @@ class UNetCall:
             _BYPASS.on = before
 
 
+def latent_name(module) -> str:
+    """The forward's name of the latents: ``sample`` (UNet) or ``hidden_states`` (SD 3 / Flux transformer), read
+    from the class (an instance's forward may be wrapped or patched)."""
+    return list(inspect.signature(type(module).forward).parameters)[1]
+
+
 def output_sample(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output.sample
 
 
 def with_sample(output, sample: torch.Tensor):
-    """``output`` (a tuple or a ``UNet2DConditionOutput``) with its prediction replaced."""
+    """``output`` (a tuple, a ``UNet2DConditionOutput`` or a ``Transformer2DModelOutput``) with its prediction
+    replaced."""
     if isinstance(output, tuple):
         return (sample, *output[1:])
     return type(output)(sample=sample)
@@ -185,23 +211,24 @@ def cfg_split(pipe, call: UNetCall) -> int | None:
 
 @contextmanager
 def unet_hooks(unet, pre: Callable | None = None, post: Callable | None = None) -> Iterator:
-    """For the block, ``pre(call) -> UNetCall | None`` rewrites every call of ``unet`` before it runs and
-    ``post(call, prediction) -> prediction | None`` rewrites its prediction; removed in ``finally``.
+    """For the block, ``pre(call) -> UNetCall | None`` rewrites every call of ``unet`` (a UNet, or an SD 3 /
+    Flux transformer) before it runs and ``post(call, prediction) -> prediction | None`` rewrites its
+    prediction; removed in ``finally``.
 
     Calls made with :meth:`UNetCall.run` (from inside a hook) pass untouched.
     """
-    handles = []
+    handles, name = [], latent_name(unet)
 
     def pre_hook(module, args, kwargs):
         if getattr(_BYPASS, "on", False):
             return None
-        new = pre(UNetCall.parse(args, kwargs))
+        new = pre(UNetCall.parse(args, kwargs, name))
         return None if new is None else new.hook_args()
 
     def post_hook(module, args, kwargs, output):
         if getattr(_BYPASS, "on", False):
             return None
-        sample = post(UNetCall.parse(args, kwargs), output_sample(output))
+        sample = post(UNetCall.parse(args, kwargs, name), output_sample(output))
         return None if sample is None else with_sample(output, sample)
 
     try:

@@ -4,8 +4,11 @@ that prompt (UnlearnDiffAtk by default) and shows the adversarial prompt and its
 an evaluation report's grids; a button downloads the Edit.
 
 Everything here calls the Python API (``load_pipeline``, ``erase``, ``Edit``, ``generate``,
-``attack``). The app binds to 127.0.0.1 unless told otherwise, and a visitor can reach only what it
-was started with:
+``attack``). Every family erasekit reads works: images are sampled with the pipeline's own kind of
+sampler (:func:`~erasekit.pipelines.generation.default_sampling`: DDIM on SD 1.x / 2.x / SDXL, flow
+Euler on SD 3 / Flux) at the visitor's step count, and a method that does not support the model's
+family is refused with its own message. The app binds to 127.0.0.1 unless told otherwise, and a
+visitor can reach only what it was started with:
 
 - files: uploads, the app's own temporary output folder, the ``--report`` folder and the folders
   given with ``--allow-root`` (see :mod:`erasekit.preview.paths`); gradio itself serves none of them;
@@ -37,7 +40,7 @@ DISPLAY_SIZE = 256  # images are upscaled (nearest neighbour) for display only; 
 DEFAULT_PROMPT = "A Cats image in Van Gogh style."
 DEFAULT_MODEL = "canvas-mini"
 DEFAULT_STEPS = 25
-MAX_STEPS = 50          # sampling steps a visitor may ask for: each costs one UNet call per image
+MAX_STEPS = 50          # sampling steps a visitor may ask for: each costs one denoiser call per image
 EDIT_CACHE_SIZE = 4     # Edits kept in memory; an evicted method run is recomputed when asked again
 MAX_PROMPT_CHARS = 1000
 MAX_GRIDS = 48          # report images shown
@@ -79,15 +82,18 @@ def _cancellable(pipe, cancel: threading.Event):
 
     A forward pre-hook is the one point every generation, attack and training loop passes through
     every step; the hooks are removed on exit. Erasure, ``Edit.sampled`` and the training engine
-    restore the pipeline when an exception passes through them.
+    restore the pipeline when an exception passes through them. A pipeline without ``components``
+    is hooked on its denoiser (the UNet, or the SD 3 / Flux transformer).
     """
     import torch
+
+    from ..pipelines.mmdit import denoiser
 
     def check(*_):
         if cancel.is_set():
             raise Cancelled("cancelled: the job stopped and the pipeline was restored")
 
-    components = getattr(pipe, "components", None) or {"unet": pipe.unet}
+    components = getattr(pipe, "components", None) or {"denoiser": denoiser(pipe)}
     handles = [m.register_forward_pre_hook(check) for m in components.values() if isinstance(m, torch.nn.Module)]
     try:
         yield
@@ -128,12 +134,18 @@ class PreviewSession:
         self._jobs: dict[str, set[threading.Event]] = {}        # a visitor's running jobs, to cancel
 
     # -- limits ---------------------------------------------------------------------------------
-    def sampling(self, steps):
-        from ..pipelines.generation import Sampling
-
+    def steps(self, steps) -> int:
+        """The visitor's step count, checked before any work (1 to ``max_steps``)."""
         if not _whole(steps) or not 1 <= int(steps) <= self.max_steps:
             raise ConfigError(f"steps must be a whole number from 1 to {self.max_steps} but is {steps!r}")
-        return Sampling(steps=int(steps))
+        return int(steps)
+
+    @staticmethod
+    def sampling(pipe, steps: int):
+        """The pipeline's own kind of sampler (DDIM on a UNet model, flow Euler on SD 3 / Flux) at ``steps``."""
+        from ..pipelines.generation import default_sampling
+
+        return default_sampling(pipe, steps=steps)
 
     @staticmethod
     def _inputs(prompt, seed) -> tuple[str, int]:
@@ -217,8 +229,9 @@ class PreviewSession:
         """(original image, erased image, status text, the Edit's file) for one prompt and seed."""
         from ..pipelines.generation import generate
 
-        sampling, (prompt, seed) = self.sampling(steps), self._inputs(prompt, seed)
+        steps, (prompt, seed) = self.steps(steps), self._inputs(prompt, seed)
         with self.job(model, job) as pipe:
+            sampling = self.sampling(pipe, steps)
             edit, path = self.edit(pipe, model, edit_file, method, concept, progress)
             original = generate(pipe, prompt, seed, sampling)[0]
             with edit.sampled(pipe) as sampler:   # an SFD generator through its one-step pipeline
@@ -226,7 +239,7 @@ class PreviewSession:
         m = edit.manifest
         status = (f"**{m.get('method', '?')}** erased {', '.join(m.get('concepts', []))} "
                   f"({len(edit.keys)} tensors, {edit.nbytes() / 1024:.1f} KiB); prompt {prompt!r}, seed {seed}, "
-                  f"{sampling.steps} steps")
+                  f"{sampling.steps} {sampling.sampler} steps")
         return _display(original), _display(erased), status, str(path)
 
     def attack(self, model, edit_file, method, concept, prompt, seed, steps=DEFAULT_STEPS, job="", progress=None,
@@ -236,8 +249,9 @@ class PreviewSession:
         from ..eval.judges import CanvasJudge
         from ..pipelines.generation import Sampling, generate
 
-        sampling, (prompt, seed) = self.sampling(steps), self._inputs(prompt, seed)
+        steps, (prompt, seed) = self.steps(steps), self._inputs(prompt, seed)
         with self.job(model, job) as pipe:
+            sampling = self.sampling(pipe, steps)
             edit, _ = self.edit(pipe, model, edit_file, method, concept, progress)
             self.judge = self.judge or CanvasJudge.load()
             target = (edit.manifest.get("concepts") or [concept])[0]
@@ -249,7 +263,7 @@ class PreviewSession:
             with edit.sampled(pipe) as sampler:
                 image = generate(sampler, row.adv_prompt, row.adv_seed, judged)[0]
         outcome = "the concept came back" if row.success else "the concept stayed erased"
-        status = (f"{attack_method}: {outcome} (step {row.step}, {row.unet_evals} UNet evaluations, "
+        status = (f"{attack_method}: {outcome} (step {row.step}, {row.unet_evals} denoiser evaluations, "
                   f"{row.wall_time_s:.1f} s); judged concept {target!r}")
         return row.adv_prompt, _display(image), status
 
