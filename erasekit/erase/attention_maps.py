@@ -47,7 +47,15 @@ class AttentionProbe:
 
 @contextmanager
 def probing(unet, sink: Callable[[torch.Tensor, int], None]):
-    """Every cross-attention of ``unet`` reports to ``sink`` inside the block; processors restored after."""
+    """Every cross-attention of ``unet`` reports to ``sink`` inside the block; processors restored after.
+    On an SD 3 / Flux transformer, every joint attention reports its image-to-text probabilities
+    (:mod:`erasekit.erase.joint_attention`)."""
+    if hasattr(unet, "context_embedder"):   # an MMDiT transformer
+        from .joint_attention import joint_probing
+
+        with joint_probing(unet, sink):
+            yield
+        return
     before = dict(unet.attn_processors)
     probe = AttentionProbe(sink)
     unet.set_attn_processor({name: probe if name.endswith("attn2.processor") else proc
@@ -71,22 +79,31 @@ def pixel_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
 def concept_positions(adapter, prompts: list[str], words: list[str], use_pooler: bool,
                       fix: str = "give `concept_words` that the prompts contain, or prompts that contain them"
                       ) -> torch.Tensor:
-    """``B x 77`` bool: where any of ``words``' token sequences occurs in each prompt, and with
-    ``use_pooler`` every position that holds the end token (the reference's rule: on SD 1.x tokenizers,
-    which pad with the end token, that is the end token and the padding after it; SD 2.x pads with "!",
-    so there it is the end token alone). A prompt without any of ``words`` is a ConfigError ending in ``fix``."""
-    tokenizer = adapter.tokenizers[0]
-    tokens = adapter.tokenize(prompts)
-    ids = tokens.input_ids.tolist()
+    """``B x rows`` bool (77 on a UNet; an MMDiT's text rows, each tokenizer's segment with its own tokens):
+    where any of ``words``' token sequences occurs in each prompt, and with ``use_pooler`` every position
+    that holds the end token (the reference's rule: on SD 1.x tokenizers, which pad with the end token,
+    that is the end token and the padding after it; SD 2.x pads with "!" and T5 with ``<pad>``, so there
+    it is the end token alone). A prompt without any of ``words`` is a ConfigError ending in ``fix``."""
+    found, ends = zip(*[_segment_positions(adapter, seg.which, prompts, words) for seg in adapter.segments])
+    found, ends = torch.cat(found, dim=1), torch.cat(ends, dim=1)
+    if found.shape[1] != sum(seg.length for seg in adapter.segments):
+        raise ConfigError(f"token positions ({found.shape[1]}) do not line up with the text rows {adapter.segments}")
+    for i in torch.nonzero(~found.any(1)).flatten().tolist():
+        raise ConfigError(f"none of the concept words {words} occurs in the prompt {prompts[i]!r}: {fix}")
+    return found | ends if use_pooler else found
+
+
+def _segment_positions(adapter, which: int, prompts: list[str], words: list[str]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions of ``words``, positions of the end token) in ``prompts`` under tokenizer ``which``."""
+    tokenizer = adapter.tokenizers[which]
+    tokens = adapter.tokenize(prompts, which)
+    ids = tokens.input_ids.cpu()
     seqs = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
-    out = torch.zeros(tokens.input_ids.shape, dtype=torch.bool)
-    for i, row in enumerate(ids):
+    found = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, row in enumerate(ids.tolist()):
         for seq in seqs:
             for j in range(len(row) - len(seq) + 1):
                 if seq and row[j:j + len(seq)] == seq:
-                    out[i, j:j + len(seq)] = True
-        if not out[i].any():
-            raise ConfigError(f"none of the concept words {words} occurs in the prompt {prompts[i]!r}: {fix}")
-        if use_pooler:   # every position holding the end token, as the reference marks its "pooler"
-            out[i] |= tokens.input_ids[i].cpu() == tokenizer.eos_token_id
-    return out
+                    found[i, j:j + len(seq)] = True
+    return found, ids == tokenizer.eos_token_id

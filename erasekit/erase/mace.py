@@ -39,6 +39,10 @@ images; ``whole`` for styles; otherwise an error that asks for one of the others
 chosen silently). Images on models without a world: ``images_per_concept`` samples of the
 original model (``sample_steps``, ``sample_guidance``), kept as latents.
 
+SD 3 / Flux: the three stages with ``W`` the context embedder (the one map of an MMDiT that reads the
+encoder rows), CFR also on the pooled projection, and eq. 6 on the joint attention's image-to-text
+probabilities (:mod:`erasekit.erase.mace_mmdit`, docs/backbones.md).
+
 Presets (``preset="auto"``): the model's provider (canvas-mini: ``canvas``, measured there), else by
 kind from the reference's configs (SD 1.4, ``configs/`` of Shilin-LU/MACE):
 
@@ -187,13 +191,14 @@ def aligned_rows(old_ids: list[int], new_ids: list[int], n: int) -> tuple[list[i
     return a + tail_a, b + tail_b
 
 
-def _unpadded(adapter, prompts: list[str]) -> list[list[int]]:
-    tokens = adapter.tokenize(prompts)
+def _unpadded(adapter, prompts: list[str], which: int = 0) -> list[list[int]]:
+    tokens = adapter.tokenize(prompts, which)
     return [ids[:int(m.sum())] for ids, m in zip(tokens.input_ids.tolist(), tokens.attention_mask)]
 
 
 def cfr_fitter(enc, s: dict):
-    """The UCE normal equations of CFR (module docstring, stage 1)."""
+    """The UCE normal equations of CFR (module docstring, stage 1); rows aligned segment by segment
+    (one segment on a UNet; SD 3's CLIP rows and T5 rows, Flux's T5 rows)."""
     from .closed_form import UCEFitter
 
     old = [t.format(c) for c, _ in zip(s["concepts"], s["mapping"]) for t in s["templates"]]
@@ -201,10 +206,13 @@ def cfr_fitter(enc, s: dict):
     (C, _), (G, _) = enc.rows(old), enc.rows(new)
     fitter = UCEFitter(enc.dim, s["lamb"])
     keys, guides = [], []
-    for c, g, ia, ib in zip(C, G, _unpadded(enc.adapter, old), _unpadded(enc.adapter, new)):
-        a, b = aligned_rows(ia, ib, c.shape[0])
-        keys.append(c[a])
-        guides.append(g[b])
+    for seg in enc.adapter.segments:
+        span = slice(seg.start, seg.start + seg.length)
+        ids_old, ids_new = _unpadded(enc.adapter, old, seg.which), _unpadded(enc.adapter, new, seg.which)
+        for c, g, ia, ib in zip(C[:, span], G[:, span], ids_old, ids_new):
+            a, b = aligned_rows(ia, ib, c.shape[0])
+            keys.append(c[a])
+            guides.append(g[b])
     fitter.update(torch.cat(keys), torch.cat(guides))
     if s["preserve"] and s["preserve_scale"] > 0:
         gram, n = enc.gram(s["preserve"])
@@ -249,6 +257,14 @@ def _data(pipe, ctx, concept: str, text: str, config: MACEConfig, kind: str):
     if source in ("auto", "world") and world is not None:
         images, masks = world
         x = torch.as_tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
+        if getattr(pipe, "transformer", None) is not None:   # SD 3 / Flux: posterior mean, transformer layout
+            from .mace_mmdit import FlowNoiser
+
+            noiser = FlowNoiser(pipe)
+            z = noiser.encode(x)
+            m = torch.nn.functional.interpolate(torch.as_tensor(masks, dtype=torch.float32)[:, None],
+                                                size=noiser.grid(), mode="area")[:, 0]
+            return z, torch.zeros_like(z), m > 0.5
         vae = pipe.vae
         with torch.no_grad():
             dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
@@ -268,29 +284,51 @@ def _data(pipe, ctx, concept: str, text: str, config: MACEConfig, kind: str):
 
 
 def _generated(pipe, concept: str, text: str, config: MACEConfig, kind: str):
-    from ..pipelines import Sampling, generate
+    from ..pipelines import default_sampling, generate
 
     prompt = GENERATION_PROMPT.get(kind, GENERATION_PROMPT["object"]).format(text)
     seeds = [config.seed * 1000 + i for i in range(config.images_per_concept)]
-    latents = generate(pipe, [prompt] * len(seeds), seeds, Sampling(steps=config.sample_steps,
+    latents = generate(pipe, [prompt] * len(seeds), seeds, default_sampling(pipe, steps=config.sample_steps,
                        guidance=config.sample_guidance), output_type="latent")
-    z = torch.stack([torch.as_tensor(x) for x in latents]).float()
+    z = torch.stack([torch.as_tensor(x) for x in latents]).float().cpu()   # the denoiser's layout (Flux: packed)
+    grid = z.shape[-2:]
+    if getattr(pipe, "transformer", None) is not None:
+        from .mace_mmdit import FlowNoiser
+
+        grid = FlowNoiser(pipe).grid()
     if config.mask_source == "whole" or (config.mask_source == "auto" and kind == "style"):
-        return z, torch.zeros_like(z), torch.ones(z.shape[0], *z.shape[-2:], dtype=torch.bool)
+        return z, torch.zeros_like(z), torch.ones(z.shape[0], *grid, dtype=torch.bool)
     return z, torch.zeros_like(z), attention_masks(pipe, z, prompt, text, config.mask_threshold)
 
 
 @torch.no_grad()
 def attention_masks(pipe, z: torch.Tensor, prompt: str, concept: str, threshold: float, t: int = 400):
-    """Masks from the concept tokens' cross-attention in the original model at timestep ``t``: the map
-    averaged over heads and layers (upsampled to the latent size), above ``threshold`` of its maximum."""
+    """Masks from the concept tokens' cross-attention in the original model at timestep ``t`` (on SD 3 / Flux:
+    the joint attention's image-to-text columns at the noise level of index ``t``): the map averaged over heads
+    and layers (upsampled to the latent grid), above ``threshold`` of its maximum."""
     from ..pipelines import FamilyAdapter
     from .attention_maps import probing
 
     adapter = FamilyAdapter(pipe)
     ctx = adapter.encode([prompt] * z.shape[0])
     pos = concept_positions(adapter, [prompt], [concept], False, _NO_CONCEPT)[0]
-    h, w = z.shape[-2:]
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    tt = torch.full((z.shape[0],), t, dtype=torch.long)
+    if adapter.mmdit:
+        from .mace_mmdit import FlowNoiser
+
+        noiser = FlowNoiser(pipe)
+        (h, w), model = noiser.grid(), pipe.transformer
+
+        def run():
+            noiser(z, noise, tt, ctx)
+    else:
+        (h, w), model = z.shape[-2:], pipe.unet
+        x = pipe.scheduler.add_noise(z, noise, tt) if hasattr(pipe.scheduler, "add_noise") else z
+        size = (h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
+
+        def run():
+            model(x.to(model.device, model.dtype), t, **ctx.unet_kwargs(pipe, size))
     maps = []
 
     def sink(probs, heads):
@@ -301,35 +339,51 @@ def attention_masks(pipe, z: torch.Tensor, prompt: str, concept: str, threshold:
         m = m.reshape(z.shape[0], 1, round(h / f), round(w / f))
         maps.append(torch.nn.functional.interpolate(m, size=(h, w), mode="bilinear").cpu()[:, 0])
 
-    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
-    tt = torch.full((z.shape[0],), t, dtype=torch.long)
-    x = pipe.scheduler.add_noise(z, noise, tt) if hasattr(pipe.scheduler, "add_noise") else z
-    with probing(pipe.unet, sink):
-        pipe.unet(x.to(pipe.unet.device, pipe.unet.dtype), t, **ctx.unet_kwargs(pipe, (h * pipe.vae_scale_factor,
-                                                                                     w * pipe.vae_scale_factor)))
+    with probing(model, sink):
+        run()
     m = torch.stack(maps).mean(0)
     return m >= threshold * m.flatten(1).amax(1)[:, None, None]
 
 
-def train_lora(pipe, layers, data, prompts, positions, s: dict, config: MACEConfig, index: int):
-    """Stage 2 for one concept: a rank-r adapter on every to_k / to_v, trained with the attention loss."""
-    from diffusers import DDPMScheduler
+class _DDPMNoiser:
+    """Noisy latents at DDPM timestep ``t`` and the UNet's call (stage 2 on a UNet)."""
 
+    def __init__(self, pipe):
+        from diffusers import DDPMScheduler
+
+        self.pipe, self.sched = pipe, DDPMScheduler.from_config(pipe.scheduler.config)
+        self.num_train_timesteps = self.sched.config.num_train_timesteps
+
+    def __call__(self, z, noise, t, ctx) -> None:
+        unet = self.pipe.unet
+        x = self.sched.add_noise(z, noise, t).to(unet.device, unet.dtype)
+        unet(x, t.to(unet.device), **ctx.unet_kwargs(self.pipe))
+
+
+def train_lora(pipe, layers, data, prompts, positions, s: dict, config: MACEConfig, index: int):
+    """Stage 2 for one concept: a rank-r adapter on every to_k / to_v (on SD 3 / Flux: the context embedder),
+    trained with the attention loss."""
     from ..pipelines import FamilyAdapter
     from .adapters import AdapterSet
     from .attention_maps import probing
 
+    mmdit = getattr(pipe, "transformer", None) is not None
+    model = pipe.transformer if mmdit else pipe.unet
+    if mmdit:
+        from .mace_mmdit import FlowNoiser
+
+        noiser = FlowNoiser(pipe)
+    else:
+        noiser = _DDPMNoiser(pipe)
     mean, std, masks = data
     with torch.random.fork_rng():
         torch.manual_seed(config.seed + 7919 * index)
-        lora = AdapterSet("unet", layers, s["rank"])
+        lora = AdapterSet("transformer" if mmdit else "unet", layers, s["rank"])
     opt = torch.optim.AdamW(lora.parameters(), lr=s["lr"], weight_decay=config.weight_decay)
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    T = sched.config.num_train_timesteps
+    T = noiser.num_train_timesteps
     probs = importance(T).float() if s["importance_sampling"] else torch.full((T,), 1.0 / T)
     ctx = FamilyAdapter(pipe).encode(prompts)
     loss_of = AttentionLoss()
-    unet, device = pipe.unet, pipe.unet.device
     signature = {**config.to_dict(), "concept_index": index, "resolved": {k: str(v) for k, v in s.items()}}
 
     with Trainer(pipe, {}, config, steps=s["steps"], signature=signature, networks={"lora": lora},
@@ -343,10 +397,9 @@ def train_lora(pipe, layers, data, prompts, positions, s: dict, config: MACEConf
             z = mean[k:k + 1] + std[k:k + 1] * torch.randn(mean[k:k + 1].shape, generator=tr.rng)
             t = torch.multinomial(probs, 1, generator=tr.rng)
             noise = torch.randn(z.shape, generator=tr.rng)
-            x = sched.add_noise(z, noise, t).to(device, unet.dtype)
-            loss_of.positions, loss_of.mask = positions[j:j + 1], masks[k:k + 1].to(device)
-            with tr.autocast(), lora.attached(unet), probing(unet, loss_of):
-                unet(x, t.to(device), **ctx[j:j + 1].unet_kwargs(pipe))
+            loss_of.positions, loss_of.mask = positions[j:j + 1], masks[k:k + 1].to(model.device)
+            with tr.autocast(), lora.attached(model), probing(model, loss_of):
+                noiser(z, noise, t, ctx[j:j + 1])
                 loss = loss_of.pop()
             losses.append(tr.update("lora", loss, prepare_grads=clip))
             return {"loss": losses[-1]}
@@ -390,11 +443,12 @@ def fuse(enc, W: dict, cfr, loras: list, s: dict) -> dict:
     return out
 
 
-@register("mace", MACEConfig, components=("unet",))
+@register("mace", MACEConfig, components=("unet", "transformer"), families=("sd1", "sd2", "sdxl", "sd3", "flux"))
 def mace(pipe, concepts: list[str], config: MACEConfig):
-    """Erase ``concepts`` with MACE; returns an Edit of every cross-attention to_k / to_v (exact factors)."""
+    """Erase ``concepts`` with MACE; returns an Edit of every cross-attention to_k / to_v (exact factors); on
+    SD 3 / Flux of the context embedder and the pooled projection (:mod:`erasekit.erase.mace_mmdit`)."""
     from ..pipelines import FamilyAdapter
-    from .closed_form import build_edit, kv_weights
+    from .closed_form import text_input_weights
     from .uce import PromptEncoder, check_tokens
 
     ctx = concept_context(pipe, concepts, config)
@@ -402,11 +456,18 @@ def mace(pipe, concepts: list[str], config: MACEConfig):
     adapter = FamilyAdapter(pipe)
     check_tokens(adapter, s["concepts"])
     enc = PromptEncoder(adapter)
-    W = kv_weights(pipe)
+    W = text_input_weights(pipe)
+    model = pipe.transformer if adapter.mmdit else pipe.unet
     cfr = cfr_fitter(enc, s).solve() if config.cfr else None
-    layers = {name: pipe.unet.get_submodule(name) for name in (k.split("/", 1)[1][:-len(".weight")] for k in W)}
+    layers = {name: model.get_submodule(name) for name in (k.split("/", 1)[1][:-len(".weight")] for k in W)}
     data = [_data(pipe, ctx, c, text, config, ctx.kind_of(c)) for c, text in zip(concepts, s["concepts"])]
-    stage1 = build_edit(pipe, W, cfr, {"method": "mace-cfr"}) if cfr is not None else None
+    pooled = {}
+    if adapter.mmdit and cfr is not None:
+        from .mace_mmdit import pooled_factors
+
+        pooled = pooled_factors(pipe, enc, s)
+    stage1 = build_factored(pipe, {**{k: cfr.factors(w) for k, w in W.items()}, **pooled},
+                            {"method": "mace-cfr"}) if cfr is not None else None
     loras, history = [], []
     with stage1.applied(pipe) if stage1 is not None else nullcontext():
         for i, text in enumerate(s["concepts"]):
@@ -415,11 +476,12 @@ def mace(pipe, concepts: list[str], config: MACEConfig):
             lora, hist = train_lora(pipe, layers, data[i], prompts, positions, s, config, i)
             loras.append(lora)
             history.append(hist[-1] if hist else None)
-    factors = fuse(enc, W, cfr, loras, s)
+    factors = {**fuse(enc, W, cfr, loras, s), **pooled}
     values = {k: v for k, v in s.items() if k not in ("preset", "concepts")}
+    extra = {"mmdit_maps": "context_embedder" + ("+pooled" if pooled else "")} if adapter.mmdit else {}
     return build_factored(pipe, factors, {"resolved": {**values, "concepts": s["concepts"]},
                                           "delta_rank_bound": next(iter(factors.values()))[0].shape[1],
-                                          "training": {"final_loss": history},
+                                          "training": {"final_loss": history}, **extra,
                                           **ctx.record(s["preset"], values)})
 
 
