@@ -39,6 +39,12 @@ with ``edit.sampled(pipe)``, for the pipeline's own loop and for attacks that ca
    skips, the other rows and the backbone features are left. Rows whose context the projection did not
    change would compare equal features, which the rule leaves alone, so they get no extra row.
 
+SD 3 / Flux: the hook is on ``pipe.transformer``. Steps 1-3 run on each segment of the text rows with its own
+subspace and token rule (SD 3: the CLIP rows, start row left out, then the T5 rows; Flux: the T5 rows; different
+feature spaces), beta is the mean over every row used, and the self-validation window counts steps of the
+pipeline's own 50-step flow schedule (:meth:`SAFREEProjection.window_end`). The pooled vector is left as on
+SDXL. Step 4 has no counterpart (an MMDiT has no skip connections): left out, refused when asked for.
+
 Deviations from the reference, and why: the reference re-encodes the prompt once per token with that
 token masked and flags tokens by the pooled embedding's distance to C; a hook on the UNet sees the
 context, not the token ids, so the distance is measured on each token's own row (r_i above, a
@@ -70,6 +76,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..errors import ConfigError
 from ..presets import concept_context
 from .registry import MethodConfig, check, register
 
@@ -160,41 +167,87 @@ def resolve(config: SAFREEConfig, concepts: list[str], ctx) -> tuple[str, dict]:
     return name, values
 
 
-@register("safree", SAFREEConfig, components=("unet",))
+MMDIT_NO_LRA = ("SAFREE's latent re-attention filters the skip features a UNet's decoder concatenates "
+                "(FreeU's Fourier rule); an SD 3 / Flux transformer has no skip connections, so there is nothing "
+                "to filter: leave `latent_reattention` unset (None) or False on these models (docs/methods/safree.md)")
+
+
+@register("safree", SAFREEConfig, components=("unet",), families=("sd1", "sd2", "sdxl", "sd3", "flux"))
 def safree(pipe, concepts: list[str], config: SAFREEConfig):
-    """An inference-time Edit that samples ``pipe`` with SAFREE's projection away from ``concepts``."""
+    """An inference-time Edit that samples ``pipe`` with SAFREE's projection away from ``concepts``; on SD 3 /
+    Flux without latent re-attention (an MMDiT has no skip features; module docstring)."""
     from ..pipelines.edit import Edit
 
     ctx = concept_context(pipe, concepts, config)
     name, values = resolve(config, concepts, ctx)
+    if getattr(pipe, "transformer", None) is not None:
+        if config.latent_reattention:
+            raise ConfigError(MMDIT_NO_LRA)
+        values["latent_reattention"] = False
     return Edit.inference(pipe, "safree", {"resolved": values, **ctx.record(name, values)})
 
 
+def _segments(adapter) -> list[tuple[slice, int, int]]:
+    """(rows, tokenizer, first row used) of every segment of the text rows: the start row of a CLIP segment is the
+    same for every prompt and is left out; T5 has no start token (SD 3: CLIP rows, then T5 rows; Flux: T5 rows)."""
+    from ..pipelines.mmdit import T5_INDEX
+
+    t5 = T5_INDEX.get(adapter.family)
+    return [(slice(seg.start, seg.start + seg.length), seg.which, 0 if seg.which == t5 else 1)
+            for seg in adapter.segments]
+
+
 def concept_basis(pipe, prompts: list[str], uncond: torch.Tensor) -> torch.Tensor:
-    """Orthonormal rows spanning the concept prompts' word and end rows, relative to ``uncond`` (k x D, float64)."""
+    """The concept basis of the first segment of the text rows (a UNet's only one): :func:`concept_bases`."""
+    return concept_bases(pipe, prompts, uncond)[0]
+
+
+def concept_bases(pipe, prompts: list[str], uncond: torch.Tensor) -> list[torch.Tensor]:
+    """Per segment of the text rows (one on a UNet; SD 3's CLIP rows and T5 rows, Flux's T5 rows: different
+    feature spaces), orthonormal rows spanning the concept prompts' word and end rows, relative to ``uncond``
+    (k x D, float64)."""
     from ..pipelines.family import FamilyAdapter
 
     adapter = FamilyAdapter(pipe)
     embeds = adapter.encode(prompts).embeds.double()
-    mask = adapter.tokenize(prompts).attention_mask.bool().to(embeds.device)
-    mask[:, 0] = False   # the start row is the same for every prompt
-    rows = (embeds - uncond.double().to(embeds.device))[mask]
-    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
-    rank = max(1, int((s > max(rows.shape) * torch.finfo(torch.float32).eps * s[0]).sum()))
-    return vh[:rank]
+    d = embeds - uncond.double().to(embeds.device)
+    bases = []
+    for span, which, first in _segments(adapter):
+        mask = adapter.tokenize(prompts, which).attention_mask.bool().to(embeds.device)
+        mask[:, :first] = False
+        rows = d[:, span][mask]
+        _, sv, vh = torch.linalg.svd(rows, full_matrices=False)
+        rank = max(1, int((sv > max(rows.shape) * torch.finfo(torch.float32).eps * sv[0]).sum()))
+        bases.append(vh[:rank])
+    return bases
 
 
-def project(E: torch.Tensor, u: torch.Tensor, basis: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the context with its trigger rows projected, beta) for contexts ``E`` (n x 77 x D) (module docstring)."""
-    d = (E.double() - u.double())[:, 1:]
+def project(E: torch.Tensor, u: torch.Tensor, basis: torch.Tensor, alpha: float, first: int = 1
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the context with its trigger rows projected, beta) for contexts ``E`` (n x rows x D) (module docstring);
+    rows before ``first`` (the start token's) are left out."""
+    d = (E.double() - u.double())[:, first:]
     rest = d - (d @ basis.T) @ basis
     r = rest.norm(dim=-1) / d.norm(dim=-1).clamp_min(1e-12)
     m = r.shape[1]
     others = (r.sum(1, keepdim=True) - r) / (m - 1)
     trigger = ((1 + alpha) * r < others).unsqueeze(-1)
     new = E.clone()
-    new[:, 1:] = torch.where(trigger, (u.double()[:, 1:] + rest), E[:, 1:].double()).to(E.dtype)
+    new[:, first:] = torch.where(trigger, (u.double()[:, first:] + rest), E[:, first:].double()).to(E.dtype)
     beta = 1 - torch.nn.functional.cosine_similarity(d, rest, dim=-1).mean(1)
+    return new, beta
+
+
+def project_segments(E: torch.Tensor, u: torch.Tensor, bases: list[torch.Tensor], segments: list, alpha: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`project` on every segment with its own basis; beta is the mean over every row used."""
+    new, betas, counts = E.clone(), [], []
+    for basis, (span, _, first) in zip(bases, segments):
+        part, beta = project(E[:, span], u[:, span], basis.to(E.device), alpha, first)
+        new[:, span] = part
+        betas.append(beta)
+        counts.append(span.stop - span.start - first)
+    beta = sum(b * c for b, c in zip(betas, counts)) / sum(counts)
     return new, beta
 
 
@@ -272,10 +325,22 @@ class SAFREEProjection:
     def __init__(self, pipe, values: dict):
         from ..pipelines.inference import train_timesteps, unconditional_context
 
+        from ..pipelines.family import FamilyAdapter
+
         self.pipe, self.v = pipe, values
         self.u = unconditional_context(pipe).embeds.float()
-        self.basis = concept_basis(pipe, values["concept_prompts"], self.u)
+        self.segments = _segments(FamilyAdapter(pipe))
+        self.bases = concept_bases(pipe, values["concept_prompts"], self.u)
         self.T = train_timesteps(pipe)
+        self.flow = getattr(pipe, "transformer", None) is not None
+        if self.flow:
+            from ..pipelines.flow import FlowModel
+            from ..pipelines.mmdit import mmdit_family
+
+            if values.get("latent_reattention", False):
+                raise ConfigError(MMDIT_NO_LRA)
+            self.sigmas = FlowModel(pipe).sigmas(PAPER_STEPS)
+            self.unit = 1.0 if mmdit_family(pipe) == "flux" else float(self.T)   # Flux's transformer reads s
         self.lra = (LatentReattention(pipe.unet, values["lra_s1"], values["lra_s2"])
                     if values.get("latent_reattention", False) else None)
         self.n: int | None = None   # the caller's batch size while original rows are appended
@@ -288,11 +353,11 @@ class SAFREEProjection:
             self.lra.pairs = None
         b = cfg_split(self.pipe, call) or 0
         E = call.encoder_hidden_states[b:]
-        new, beta = project(E, self.u.to(E.device), self.basis.to(E.device), self.v["alpha"])
+        new, beta = project_segments(E, self.u.to(E.device), self.bases, self.segments, self.v["alpha"])
         t = call.timesteps()[b:]
         if self.v["self_validation"]:
             steps = svf_steps(beta, self.v["svf_max_steps"], self.v["svf_k"], self.v["svf_t0"]).to(t.device)
-            on = t > self.T * (1 - (steps + 1) / PAPER_STEPS)
+            on = t > self.window_end(steps)
         else:
             on = torch.ones_like(t, dtype=torch.bool)
         if not bool(on.any()):
@@ -311,6 +376,18 @@ class SAFREEProjection:
         self.n = call.batch
         self.lra.pairs = (idx, self.n + torch.arange(len(idx), device=idx.device))
         return out.append_rows(idx, call.encoder_hidden_states[idx])
+
+    def window_end(self, steps: torch.Tensor) -> torch.Tensor:
+        """The timestep above which the projection applies: the first ``steps + 1`` steps of the reference's 50,
+        ``T (1 - (steps + 1) / 50)`` on a DDPM schedule; on SD 3 / Flux the midpoint of the pipeline's own 50-step
+        flow sigmas ``steps`` and ``steps + 1`` (its shift included), in the transformer's timestep units (SD 3
+        reads ``T s``, Flux ``s``)."""
+        if not self.flow:
+            return self.T * (1 - (steps + 1) / PAPER_STEPS)
+        sigmas = self.sigmas.to(steps.device)
+        k = steps.long().clamp(0, PAPER_STEPS - 1)
+        mid = (sigmas[k] + sigmas[k + 1]) / 2 * self.unit
+        return torch.where(steps >= PAPER_STEPS, torch.full_like(mid, -1.0), mid)
 
     def restore(self, call, prediction: torch.Tensor):
         """The prediction for the caller's rows only (the appended original-prompt rows dropped)."""
@@ -345,7 +422,9 @@ def safree_sampler(pipe, edit):
         values = resolved_values(edit, NAMES + LRA_NAMES)
     hook = SAFREEProjection(pipe, values)
     if hook.lra is None:
-        with unet_hooks(pipe.unet, pre=hook):
+        from ..pipelines.mmdit import denoiser
+
+        with unet_hooks(denoiser(pipe), pre=hook):
             yield pipe
         return
     with unet_hooks(pipe.unet, pre=hook, post=hook.restore), block_pre_hooks(pipe.unet.up_blocks, hook.lra):
