@@ -6,7 +6,6 @@ edit is exact on the maps it claims, training moves the LoRA), not erasure of a 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import erasekit
