@@ -48,7 +48,7 @@ def test_probe_reads_the_joint_softmax_text_columns(tiny_mmdit):
             hooks.append(attn.add_v_proj.register_forward_hook(lambda m, a, o: values.append(o)))
             hooks.append(attn.to_out[0].register_forward_pre_hook(lambda m, a: outputs.append(a[0])))
     try:
-        with torch.no_grad(), probing_joint(tf, family, probs.append, lambda: T):
+        with torch.no_grad(), probing_joint(tf, family, probs.append, T):
             fm.predict(tf, z, 0.5, ctx)
     finally:
         for h in hooks:
@@ -69,7 +69,7 @@ def test_probing_leaves_the_transformer_output_as_it_is(tiny_mmdit):
     processors = dict(pipe.transformer.attn_processors)
     with torch.no_grad():
         plain = fm.predict(pipe.transformer, z, 0.5, ctx)
-        with probing_joint(pipe.transformer, FamilyAdapter(pipe).family, lambda p: None, lambda: ctx.embeds.shape[1]):
+        with probing_joint(pipe.transformer, FamilyAdapter(pipe).family, lambda p: None, ctx.embeds.shape[1]):
             probed = fm.predict(pipe.transformer, z, 0.5, ctx)
     assert torch.equal(plain, probed)
     assert dict(pipe.transformer.attn_processors) == processors
@@ -102,7 +102,7 @@ def test_training_lowers_the_concept_tokens_attention(tiny_mmdit):
         rec = ConceptAttention()
         rec.start(positions)
         with torch.no_grad(), probing_joint(pipe.transformer, adapter.family, lambda p: rec.record(p, p.shape[1]),
-                                            lambda: positions.shape[1]):
+                                            positions.shape[1]):
             fm.predict(pipe.transformer, z, 0.7, ctx)
         return float(rec.loss())
 

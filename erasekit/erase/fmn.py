@@ -241,7 +241,7 @@ def _model(pipe, adapter, text_len: int):
     def recording():
         recorder = ConceptAttention()
         with probing_joint(pipe.transformer, adapter.family, lambda p: recorder.record(p, p.shape[1]),
-                           lambda: text_len):
+                           text_len):
             yield recorder
 
     return (_FlowNoiser(fm), lambda x_s, s, c: fm.predict(pipe.transformer, x_s, s, c), recording(),

@@ -80,12 +80,12 @@ class JointAttentionProbe:
     """Wraps one attention's processor: reports the image queries' joint-softmax probabilities over the text rows
     to ``sink(probs)`` (B x heads x N x T), then returns the wrapped processor's output (module docstring)."""
 
-    def __init__(self, inner, family: str, sink: Callable[[torch.Tensor], None], text_len: Callable[[], int]):
+    def __init__(self, inner, family: str, sink: Callable[[torch.Tensor], None], text_len: int):
         self.inner, self.family, self.sink, self.text_len = inner, family, sink, text_len
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if self.family == "flux":
-            q, k, cols = _flux_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.text_len())
+            q, k, cols = _flux_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.text_len)
         else:
             q, k, cols = _sd3_qk(attn, hidden_states, encoder_hidden_states)
         scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5   # the kernel's default scale
@@ -96,8 +96,10 @@ class JointAttentionProbe:
 
 
 @contextmanager
-def probing_joint(transformer, family: str, sink: Callable[[torch.Tensor], None], text_len: Callable[[], int]):
-    """Every attention of an SD 3 / Flux ``transformer`` reports to ``sink`` in the block; processors restored."""
+def probing_joint(transformer, family: str, sink: Callable[[torch.Tensor], None], text_len: int):
+    """Every attention of an SD 3 / Flux ``transformer`` reports to ``sink`` in the block; processors restored.
+    ``text_len``: the rows of the text conditioning (Flux's single-stream blocks see text and image as one
+    sequence)."""
     before = dict(transformer.attn_processors)
     if not before:
         raise ConfigError(f"{type(transformer).__name__} has no attention processors to probe")

@@ -2,8 +2,8 @@
 Concepts, Diffusion Models and Erasing Applications", arXiv 2312.16145).
 
 One rank-1 adapter per concept ("concept semi-permeable membrane") on every ``Linear`` and 1x1
-``Conv2d`` inside the UNet's transformer blocks (SD 3 / Flux: below) (``layers="transformer"``, the reference; or the
-``Linear`` layers only, ``"linear"``): ``W' = W + up down`` with ``up`` d_out x 1, ``down`` 1 x d_in
+``Conv2d`` inside the UNet's transformer blocks (``layers="transformer"``, the reference; or the
+``Linear`` layers only, ``"linear"``; SD 3 / Flux: below): ``W' = W + up down`` with ``up`` d_out x 1, ``down`` 1 x d_in
 (alpha = rank = 1, so scale 1). The base model is frozen; the adapter alone is trained on
 
     L = L_erase + la_strength * L_LA
