@@ -50,10 +50,11 @@ def probing(unet, sink: Callable[[torch.Tensor, int], None]):
     """Every cross-attention of ``unet`` reports to ``sink`` inside the block; processors restored after.
     On an SD 3 / Flux transformer, every joint attention reports its image-to-text probabilities
     (:mod:`erasekit.erase.joint_attention`)."""
-    if hasattr(unet, "context_embedder"):   # an MMDiT transformer
-        from .joint_attention import joint_probing
+    if hasattr(unet, "context_embedder"):   # an MMDiT transformer: B x heads x N x T, reported as B*heads x N x T
+        from .joint_attention import probing_joint
 
-        with joint_probing(unet, sink):
+        family = "flux" if hasattr(unet, "single_transformer_blocks") else "sd3"
+        with probing_joint(unet, family, lambda p: sink(p.flatten(0, 1), p.shape[1])):
             yield
         return
     before = dict(unet.attn_processors)

@@ -16,6 +16,28 @@ diffusers' attention-processor API: :func:`attention_recorder` sets diffusers' o
 block (``attn2``) for the run, and :class:`ConceptAttention` sums the squares of the probabilities it
 computes at the concept positions, so the attention itself is diffusers'.
 
+SD 3 / Flux (flow matching; :mod:`.joint_attention`). An MMDiT has no cross-attention: each joint block runs one
+softmax over the image and text tokens' keys together. ``A^l`` is then the image queries' rows of that joint
+softmax at the text tokens' columns (batch x heads x image tokens x text rows), read in every joint block and in
+Flux's single-stream blocks (which run the same joint softmax over ``[text ; image]`` with shared weights, so the
+concept's tokens are read there too). diffusers' processors use a fused kernel, so
+:class:`~.joint_attention.JointAttentionProbe` recomputes each block's image queries and all keys exactly as
+the processor does (per-head norms, Flux's rotary embedding) and forms the probabilities; the block's output is
+still its own processor's. Differences from a UNet's map: the softmax is normalised over image and text keys,
+so lowering the concept's columns may move attention to image tokens as well as to other words; text queries
+(the text stream attending to the concept) are not part of the loss, as the paper's maps are the pixels'.
+``P(c)``: the concept's rows in every text segment of the conditioning, each with its own tokenizer
+(:func:`~.attention_maps.concept_positions`; SD 3: the CLIP rows and the T5 rows; Flux: the T5 rows),
+and with ``use_pooler`` each segment's end-token rows. Noising: ``x_s = (1 - s) z_0 + s eps`` with ``s`` from the
+scheduler's training grid and shift (the counterpart of ``t ~ U{0..T-1}``); the images are drawn with flow
+Euler at the native size. Trained set: the preset's ``full`` is the whole transformer (the reference trains the
+whole UNet); ``param_set="esd-x"`` (the joint attention's text-side projections ``add_q/k/v_proj``,
+``to_add_out``) or ``"esd-x-strict"`` (``add_k_proj``, ``add_v_proj``) is the counterpart of the reference's
+``only_optimize_ca``. Memory: the exact joint softmax needs every image-to-image score, kept for the backward
+pass (batch x heads x N x (N + text rows) per block, with its softmax), far more than a UNet's cross-attention
+maps (estimated at 1024 px, batch 1, fp32: about 3.5 GB per block, some 85 GB over SD 3.5-medium's 24 joint
+blocks and 200 GB over Flux's 57).
+
 Data (the forget set D_f), chosen by ``preset``:
 
 - ``reference`` (any model): ``images_per_prompt`` images drawn by the model itself from the kind's
@@ -49,6 +71,7 @@ from ..errors import ConfigError
 from ..presets import concept_context, world_preset_names
 from .data import cycle_indices, folder_set, generate_set
 from .attention_maps import concept_positions
+from .joint_attention import probing_joint
 from .engine import TrainConfig, Trainer
 from .param_sets import select_params
 from .registry import check, register
@@ -116,7 +139,7 @@ class ConceptAttention:
         if self.positions is None:
             return
         b = self.positions.shape[0]
-        maps = probs.float().view(b, -1, probs.shape[-2], probs.shape[-1])   # B x heads x pixels x tokens
+        maps = probs.float().reshape(b, -1, probs.shape[-2], probs.shape[-1])   # B x heads x pixels x tokens
         part = (maps * self.positions[:, None, None, :]).pow(2).sum()
         self.sum_sq = part if self.sum_sq is None else self.sum_sq + part
 
@@ -162,11 +185,11 @@ def _plan(concepts: list[str], config: FMNConfig, ctx) -> tuple[str, dict, list[
     return name, opts, prompts, words
 
 
-@register("fmn", FMNConfig, components=("unet",))
+@register("fmn", FMNConfig, components=("unet", "transformer"), families=("sd1", "sd2", "sdxl", "sd3", "flux"))
 def fmn(pipe, concepts: list[str], config: FMNConfig):
     """Erase ``concepts`` with Forget-Me-Not; returns an Edit of the trained weights (see module docstring)."""
     from ..pipelines import FamilyAdapter
-    from ..pipelines.generation import Sampling
+    from ..pipelines.generation import Sampling, default_sampling
     from .salun import _Noiser
 
     about = concept_context(pipe, concepts, config)
@@ -176,28 +199,49 @@ def fmn(pipe, concepts: list[str], config: FMNConfig):
     if config.forget_dir:
         images = folder_set(pipe, config.forget_dir, prompts[0], name="forget")
     else:
-        images = generate_set(pipe, prompts, opts["images_per_prompt"], config.data_seed,
-                              Sampling(steps=config.data_steps, guidance=config.data_guidance),
+        sampling = (default_sampling(pipe, steps=config.data_steps, guidance=config.data_guidance) if adapter.mmdit
+                    else Sampling(steps=config.data_steps, guidance=config.data_guidance))   # flow Euler on sd3/flux
+        images = generate_set(pipe, prompts, opts["images_per_prompt"], config.data_seed, sampling,
                               progress=config.progress, name="forget")
     texts = sorted(set(images.prompts))
     row = {p: i for i, p in enumerate(texts)}
     ctx = adapter.encode(texts)
     positions = concept_positions(adapter, texts, [re.sub(r"\s+", " ", w).strip() for w in words],
-                                  opts["use_pooler"]).to(pipe.unet.device)
-    noiser, b = _Noiser(pipe), opts["batch_size"]
+                     opts["use_pooler"]).to(ctx.embeds.device)
+    noiser, forward, recording, extras = _model(pipe, adapter, positions.shape[1]) if adapter.mmdit else (
+        _Noiser(pipe), lambda x_t, t, c: pipe.unet(x_t, t, **c.unet_kwargs(pipe)), attention_recorder(pipe.unet), {})
+    b = opts["batch_size"]
 
-    with Trainer(pipe, params, config, steps=opts["steps"], lr=opts["lr"]) as tr, \
-            attention_recorder(pipe.unet) as recorder:
+    with Trainer(pipe, params, config, steps=opts["steps"], lr=opts["lr"]) as tr, recording as recorder:
         def loss_fn(i: int) -> torch.Tensor:
             idx = cycle_indices(len(images), b, i * tr.world + tr.rank, config.seed)
             z0, batch_prompts = images.batch(idx, tr.device)
             x_t, t, _ = noiser(z0, tr.rng)
             rows = torch.tensor([row[p] for p in batch_prompts])
             recorder.start(positions[rows.to(positions.device)])
-            pipe.unet(x_t, t, **ctx[rows].unet_kwargs(pipe))
+            forward(x_t, t, ctx[rows])
             return recorder.loss()
 
         values = {k: v for k, v in opts.items() if k != "preset"}
         return tr.fit(loss_fn, manifest={
-            "resolved": opts, "forget_set": images.protocol, "concept_words": words,
+            "resolved": opts, "forget_set": images.protocol, "concept_words": words, **extras,
             **about.record(preset, {**values, "concept_words": words})})
+
+
+def _model(pipe, adapter, text_len: int):
+    """SD 3 / Flux: (noiser of the flow-matching training grid, the transformer's call at ``(x_s, s)``, the
+    recorder of the joint attention's concept-text columns, manifest extras); module docstring."""
+    from ..pipelines.flow import FlowModel
+    from .salun import _FlowNoiser
+
+    fm = FlowModel(pipe)   # the native size, at which the images were drawn
+
+    @contextmanager
+    def recording():
+        recorder = ConceptAttention()
+        with probing_joint(pipe.transformer, adapter.family, lambda p: recorder.record(p, p.shape[1]),
+                           text_len):
+            yield recorder
+
+    return (_FlowNoiser(fm), lambda x_s, s, c: fm.predict(pipe.transformer, x_s, s, c), recording(),
+            {"flow": {"resolution": fm.size, "guidance_embed": fm.guidance}})

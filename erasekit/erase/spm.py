@@ -3,7 +3,7 @@ Concepts, Diffusion Models and Erasing Applications", arXiv 2312.16145).
 
 One rank-1 adapter per concept ("concept semi-permeable membrane") on every ``Linear`` and 1x1
 ``Conv2d`` inside the UNet's transformer blocks (``layers="transformer"``, the reference; or the
-``Linear`` layers only, ``"linear"``): ``W' = W + up down`` with ``up`` d_out x 1, ``down`` 1 x d_in
+``Linear`` layers only, ``"linear"``; SD 3 / Flux: below): ``W' = W + up down`` with ``up`` d_out x 1, ``down`` 1 x d_in
 (alpha = rank = 1, so scale 1). The base model is frozen; the adapter alone is trained on
 
     L = L_erase + la_strength * L_LA
@@ -40,6 +40,30 @@ reference multiplies both of its factors, i.e. by the square, and sums several a
 multiplying them, which adds cross terms). The reference trains with 8-bit AdamW at random resolutions
 ("dynamic resolution"); here fp32 AdamW at the model's native size.
 
+SD 3 / Flux (flow matching, :mod:`erasekit.pipelines.flow`). The adapters sit where the reference puts them in
+a UNet, on every token-reading ``Linear`` of the transformer's blocks: in each joint block the image side
+(``attn.to_q``, ``to_k``, ``to_v``, ``to_out.0``, ``ff``) and the text side (``attn.add_q_proj``,
+``add_k_proj``, ``add_v_proj``, ``to_add_out``, ``ff_context``), and Flux's single-stream blocks (``attn.to_q``,
+``to_k``, ``to_v``, ``proj_mlp``, ``proj_out``), which process text and image tokens together. The reference
+adapts every ``Linear`` of SD 1.x's transformer blocks (self-attention, cross-attention, feed-forward), not only
+the text path, so the MMDiT counterpart is every such layer, not only ``add_k_proj`` / ``add_v_proj``. Left out:
+the blocks' adaLN modulation maps (``norm1.linear``, ``norm1_context.linear``, ``norm.linear``), which read the
+timestep and pooled-text embedding rather than tokens (SD 1.x's transformer blocks have no such map), and the
+context embedder and the embedders outside the blocks. An MMDiT has no 1x1 convolutions, so ``layers``
+``transformer`` and ``linear`` select the same layers and every change is stored as exact factors. The loss
+becomes the model's own flow-matching objective: at a fixed ``(x_s, s)`` the velocity is an affine function of
+the noise prediction (``eps = x_s + (1 - s) v``) and ESD's guidance weights sum to one, so the erase target
+carries exactly, ``v_target = v(x_s, "") - eta (v(x_s, c) - v(x_s, ""))`` (:func:`~erasekit.erase.esd.esd_target`
+on velocities, as ESD's), and latent anchoring compares velocities, ``|| v_SPM(x_s, a) - v(x_s, a) ||^2``, the
+implied noise predictions weighted by ``1 / (1 - s)^2`` (the model's own training weighting). x_s: flow Euler over
+the first k of the pipeline's ``ddim_steps`` sigmas (its scheduler and shift) with the adapter on, SD 3 with
+classifier-free guidance ``sample_guidance``, Flux with one conditional pass (a guidance-distilled Flux reads the
+pipeline's default guidance embedding); the loss is taken at ``s = sigmas[k]``. The anchors are drawn in the
+whole conditioning the transformer reads (the sequence rows, T5's included, and the pooled vector), as above.
+Facilitated transport hooks the transformer's calls; its similarity is taken over the flattened sequence the
+transformer reads (SD 3: CLIP and T5 rows; Flux: T5 rows). The presets are the SD 1.4 reference's, not measured
+on an MMDiT.
+
 Presets (``preset="auto"``): the model's provider (canvas-mini: ``canvas``, measured there), else
 ``sd``, the reference's configs (SD 1.4, ``configs/*/config.yaml`` and ``prompt.yaml``): 3000
 iterations, lr 1e-4, warmup 500, 3 cosine cycles, la_strength 1000, 4 anchors, 30 DDIM steps,
@@ -64,6 +88,7 @@ from .registry import check, register
 LAYERS = ("transformer", "linear")
 PRESETS = {"sd": dict(steps=3000, lr=1e-4, la_strength=1000.0, anchors=4, ddim_steps=30, sample_guidance=3.0,
                       eta=1.0, warmup=500, cycles=3)}
+_MMDIT_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 _PRESET_KEYS = ("steps", "lr", "la_strength", "anchors", "ddim_steps", "sample_guidance", "eta")
 
 
@@ -127,21 +152,26 @@ class SPMConfig(RunConfig):
         return out
 
 
-def adapted_layers(unet, which: str) -> dict:
-    """The layers SPM adapts: every Linear (and 1x1 Conv2d for ``transformer``) inside a transformer block."""
+def adapted_layers(net, which: str) -> dict:
+    """The layers SPM adapts: every Linear (and 1x1 Conv2d for ``transformer``) inside a UNet's transformer block;
+    on an SD 3 / Flux transformer every Linear of its blocks that reads tokens (module docstring)."""
     from torch import nn
 
     from .adapters import _is_pointwise_conv
 
     found = {}
-    for name, block in unet.named_modules():
+    if hasattr(net, "transformer_blocks"):   # an MMDiT: no 1x1 convolutions, so both choices are the same
+        for name, m in net.named_modules():
+            if isinstance(m, nn.Linear) and name.startswith(_MMDIT_BLOCKS) and ".norm" not in f".{name}":
+                found[name] = m
+    for name, block in net.named_modules():
         if type(block).__name__ != "Transformer2DModel":
             continue
         for child, m in block.named_modules():
             if isinstance(m, nn.Linear) or (which == "transformer" and _is_pointwise_conv(m)):
                 found[f"{name}.{child}"] = m
     if not found:
-        raise ConfigError(f"{type(unet).__name__} has no transformer blocks with Linear layers for SPM's adapters")
+        raise ConfigError(f"{type(net).__name__} has no transformer blocks with Linear layers for SPM's adapters")
     return found
 
 
@@ -169,30 +199,71 @@ def sample_anchors(target, n: int, rng: torch.Generator):
     return draw(target.embeds[0]), None if target.pooled is None else draw(target.pooled[0])
 
 
+def _unet_model(pipe, s: dict, spm):
+    """(``predict(z, t, c, on, grad)``: eps in float32 with or without the adapter; ``draw(rng, uncond, cond)``:
+    x_t by DDIM with the adapter on, stopped at a random step, and its timestep; manifest extras) on a UNet."""
+    from ..pipelines import Context
+    from .esd import _ddim, sample_partway
+
+    unet, sched = pipe.unet, _ddim(pipe, s["ddim_steps"])
+    shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+
+    def predict(z, t, c, on: bool, grad: bool = False):
+        with torch.set_grad_enabled(grad), (spm.attached(unet) if on else nullcontext()):
+            return unet(z, t, **c.unet_kwargs(pipe)).sample.float()
+
+    def draw(rng, uncond, cond):
+        k = int(torch.randint(1, s["ddim_steps"], (1,), generator=rng))
+        z = torch.randn(shape, generator=rng).to(unet.device, unet.dtype) * sched.init_noise_sigma
+        z = sample_partway(lambda x, t, cc: predict(x, t, cc, on=True), z, sched, k, Context.cat([uncond, cond]),
+                           s["sample_guidance"]).to(unet.dtype)
+        return z, sched.timesteps[k]
+
+    return predict, draw, {}
+
+
+def _flow_model(pipe, s: dict, spm):
+    """As :func:`_unet_model` on SD 3 / Flux: velocities at sigmas, x_s by flow Euler with the adapter on (SD 3
+    with classifier-free guidance ``sample_guidance``, Flux with one conditional pass), stopped at a random step."""
+    from ..pipelines.flow import FlowModel
+
+    fm = FlowModel(pipe)   # the native size; a guidance-distilled Flux reads the pipeline's default guidance
+    sigmas, tf = fm.sigmas(s["ddim_steps"]), pipe.transformer
+
+    def predict(z, sigma, c, on: bool, grad: bool = False):
+        with torch.set_grad_enabled(grad), (spm.attached(tf) if on else nullcontext()):
+            return fm.predict(tf, z, sigma, c)
+
+    def draw(rng, uncond, cond):
+        k = int(torch.randint(1, s["ddim_steps"], (1,), generator=rng))
+        with spm.attached(tf):
+            z = fm.sample_partway(tf, fm.noise(1, rng), sigmas, k, uncond, cond, s["sample_guidance"])
+        return z, sigmas[k]
+
+    return predict, draw, {"flow": {"resolution": fm.size, "guidance_embed": fm.guidance,
+                                    "sigmas": [round(float(x), 6) for x in sigmas]}}
+
+
 def train_adapter(pipe, layers, pairs, config: SPMConfig, s: dict, index: int):
-    """One concept's adapter (module docstring); returns it with its loss history."""
+    """One concept's adapter (module docstring); returns it with its loss history and manifest extras."""
     from ..pipelines import Context, FamilyAdapter
     from .adapters import AdapterSet
-    from .esd import _ddim, esd_target, sample_partway
+    from .esd import esd_target
 
     texts = list(dict.fromkeys(t for pair in pairs for t in pair if t is not None))
-    enc = FamilyAdapter(pipe).encode(["", *texts])
+    adapter = FamilyAdapter(pipe)
+    enc = adapter.encode(["", *texts])
     uncond, row = enc[0:1], {t: 1 + i for i, t in enumerate(texts)}
     with torch.random.fork_rng():
         torch.manual_seed(config.seed + 7919 * index)
-        spm = AdapterSet("unet", layers, config.rank, scale=1.0, init="kaiming")
+        spm = AdapterSet("transformer" if adapter.mmdit else "unet", layers, config.rank, scale=1.0, init="kaiming")
     opt = torch.optim.AdamW(spm.parameters(), lr=s["lr"], weight_decay=config.weight_decay)
-    unet, sched = pipe.unet, _ddim(pipe, s["ddim_steps"])
-    shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    predict, draw, extras = (_flow_model if adapter.mmdit else _unet_model)(pipe, s, spm)
     signature = {**config.to_dict(), "concept_index": index, "resolved": s, "pairs": pairs}
     losses: list[float] = []
 
     with Trainer(pipe, {}, config, steps=s["steps"], signature=signature, networks={"spm": spm},
                  optimizers={"spm": opt}, stream_rng=True) as tr:
-        def predict(z, t, c, on: bool, grad: bool = False):
-            with torch.set_grad_enabled(grad), (spm.attached(unet) if on else nullcontext()):
-                return unet(z, t, **c.unet_kwargs(pipe)).sample.float()
-
         def prepare(params):
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -203,12 +274,8 @@ def train_adapter(pipe, layers, pairs, config: SPMConfig, s: dict, index: int):
             c, c_from = pairs[int(torch.randint(len(pairs), (1,), generator=tr.rng))]
             p = enc[row[c]:row[c] + 1]
             trained_on = enc[row[c_from]:row[c_from] + 1] if c_from else p
-            k = int(torch.randint(1, s["ddim_steps"], (1,), generator=tr.rng))
-            z = torch.randn(shape, generator=tr.rng).to(unet.device, unet.dtype) * sched.init_noise_sigma
             with tr.autocast():
-                z = sample_partway(lambda x, t, cc: predict(x, t, cc, on=True), z, sched, k,
-                                   Context.cat([uncond, trained_on]), s["sample_guidance"]).to(unet.dtype)
-                t = sched.timesteps[k]
+                z, t = draw(tr.rng, uncond, trained_on)
                 e_0, e_p = predict(z, t, uncond, False), predict(z, t, p, False)
                 e_from = predict(z, t, trained_on, False) if c_from else e_p
                 loss = F.mse_loss(predict(z, t, trained_on, True, grad=True), esd_target(e_0, e_p, e_from, s["eta"]))
@@ -222,23 +289,24 @@ def train_adapter(pipe, layers, pairs, config: SPMConfig, s: dict, index: int):
             return {"loss": losses[-1]}
 
         tr.run(step, desc=f"spm {index + 1}")
-    return spm, losses
+    return spm, losses, extras
 
 
-@register("spm", SPMConfig, components=("unet",))
+@register("spm", SPMConfig, components=("unet", "transformer"), families=("sd1", "sd2", "sdxl", "sd3", "flux"))
 def spm(pipe, concepts: list[str], config: SPMConfig):
     """Erase ``concepts`` with SPM; returns an Edit of the summed rank-1 adapters (exact factors)."""
+    from ..pipelines.mmdit import denoiser
     from .adapters import adapter_edit
     from .esd import esd_pairs
 
     ctx = concept_context(pipe, concepts, config)
     s = config.resolved(ctx)
-    layers = adapted_layers(pipe.unet, config.layers)
-    adapters, finals, all_pairs, ft_prompts = [], [], [], []
+    layers = adapted_layers(denoiser(pipe), config.layers)
+    adapters, finals, all_pairs, ft_prompts, extras = [], [], [], [], {}
     for i, concept in enumerate(concepts):
         pairs = esd_pairs([concept], SimpleNamespace(prompts=None, erase_from=None, prompt_form=config.prompt_form),
                           ctx)
-        adapter, losses = train_adapter(pipe, layers, pairs, config, s, i)
+        adapter, losses, extras = train_adapter(pipe, layers, pairs, config, s, i)
         adapters.append(adapter)
         finals.append(losses[-1] if losses else None)
         all_pairs += [{"c": c, "c_from": f} for c, f in pairs]
@@ -248,7 +316,7 @@ def spm(pipe, concepts: list[str], config: SPMConfig):
     return adapter_edit(pipe, adapters, {
         "resolved": {**values, "layers": config.layers, "rank": config.rank}, "pairs": all_pairs,
         "facilitated_transport": config.facilitated_transport, "adapters": len(adapters),
-        "adapted_layers": len(layers), "training": {"final_loss": finals}, **ft,
+        "adapted_layers": len(layers), "training": {"final_loss": finals}, **ft, **extras,
         **ctx.record(s["preset"], values)})
 
 
@@ -269,6 +337,7 @@ def spm_sampler(pipe, edit):
     from ..errors import EditError
     from ..pipelines import FamilyAdapter
     from ..pipelines.inference import cfg_split, resolved_values, unet_hooks
+    from ..pipelines.mmdit import denoiser
 
     rank = int(resolved_values(edit, ("rank",))["rank"])
     groups = edit.manifest.get("ft_prompts") or []
@@ -294,11 +363,12 @@ def spm_sampler(pipe, edit):
     handles = []
     try:
         for key, (U, V) in edit.deltas.items():
-            layer = pipe.unet.get_submodule(key.split("/", 1)[1][:-len(".weight")])
+            comp, name = key.split("/", 1)
+            layer = getattr(pipe, comp).get_submodule(name[:-len(".weight")])
             dev = layer.weight.device
             handles.append(layer.register_forward_hook(
                 lambda mod, args, out, U=U.to(dev), V=V.to(dev): hook(mod, args, out, U, V)))
-        with unet_hooks(pipe.unet, pre=pre):
+        with unet_hooks(denoiser(pipe), pre=pre):
             yield pipe
     finally:
         for h in handles:
