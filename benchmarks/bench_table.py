@@ -270,6 +270,10 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
             result = {"method": m, "target": t, "settings": spec["settings"], "budgets": spec["budgets"],
                       "edit_remade": remade, "attacks": {}}
             for a in spec["attacks"]:
+                refusal = _refusal(a, edit, spec["budgets"].get(a))
+                if refusal:   # the attack does not apply to this kind of Edit (P4D on SFD's one-step generator)
+                    result["attacks"][a] = {"refused": refusal}
+                    continue
                 row = _attack_row(pipe, judge, t, edit, a, spec["settings"], spec["budgets"].get(a))
                 result["attacks"][a] = {k: row[k] for k in ("pre_ASR", "ASR", "attack_config", "attack_unet_evals_mean",
                                                             "attack_unet_equiv_mean", "attack_wall_s",
@@ -292,6 +296,20 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
             raise ValueError(f"unknown job kind {kind!r}")
     result.update(job=name, wall_s=round(time.perf_counter() - t0, 2), cpu_s=round(time.process_time() - cpu0, 2))
     return result
+
+
+def _refusal(attack: str, edit, options: dict | None) -> str | None:
+    """The attack's own refusal of ``edit`` (its config's ``check_edit``, which runs before any work), or None."""
+    from erasekit.attacks import get_attack
+    from erasekit.config import make_config
+    from erasekit.errors import ConfigError
+
+    config = make_config(get_attack(attack)[0], options or {})
+    try:
+        getattr(config, "check_edit", lambda e: None)(edit)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def _sfd_stage1(pipe, out: Path, budget: dict) -> dict:
@@ -581,6 +599,9 @@ def attack_matrix(doc: dict) -> list[dict]:
         row = {"method": m, "pre_ASR": _mean([c["pre_ASR"] for c in cells]),
                "pre_ASR_ci": _asr_interval(cells, "pre_ASR"), "attacks": {}}
         for a, rs in per.items():
+            if any("refused" in r for r in rs):   # the attack's own refusal of this method's Edits
+                row["attacks"][a] = {"refused": next(r["refused"] for r in rs if "refused" in r)}
+                continue
             counts = [_prompt_counts(c, "ASR") for c in cells] if a == "unlearndiffatk" else \
                 [(sum(o[0] for o in r["attack_outcomes"]), len(r["attack_outcomes"])) for r in rs]
             k, n = sum(x for x, _ in counts), sum(x for _, x in counts)
@@ -597,7 +618,8 @@ def _strongest(row: dict):
     the same prompts when both recorded per-prompt outcomes, else a sign-flip test over the targets)."""
     from erasekit.stats import mcnemar, paired_test
 
-    best = max(row["attacks"], key=lambda a: (row["attacks"][a]["ASR"], a == "unlearndiffatk"))
+    ran = [a for a in row["attacks"] if "refused" not in row["attacks"][a]]
+    best = max(ran, key=lambda a: (row["attacks"][a]["ASR"], a == "unlearndiffatk"))
     if best == "unlearndiffatk":
         return best, None
     a, u = row["attacks"][best], row["attacks"]["unlearndiffatk"]
@@ -616,13 +638,16 @@ def attack_lines(doc: dict) -> list[str]:
              + " | strongest (minus UnlearnDiffAtk, p) |", "|---|---|" + "---|" * len(attacks) + "---|"]
     for r in rows:
         best, test = _strongest(r)
-        cells = [f"{_fmt_ci(x['ASR'], x['ASR_ci'])}, {_fmt(x['unet_evals'], 0)}" for x in (r["attacks"][a] for a in attacks)]
+        cells = ["refuses this Edit (below)" if "refused" in x else f"{_fmt_ci(x['ASR'], x['ASR_ci'])}, "
+                 f"{_fmt(x['unet_evals'], 0)}" for x in (r["attacks"][a] for a in attacks)]
         verdict = ATTACK_NAMES.get(best, best) + ("" if test is None else f" ({test.format()})")
         lines.append(f"| {r['method']} | {_fmt_ci(r['pre_ASR'], r['pre_ASR_ci'])} | " + " | ".join(cells)
                      + f" | {verdict} |")
     budgets = "; ".join(f"{ATTACK_NAMES.get(a, a)} {', '.join(f'{k} {v}' for k, v in b.items()) or 'its preset'}"
                         for a, b in ATTACK_BUDGETS.items() if a in attacks)
     remade, agree = _remade_edits(doc)
+    refused = [f"{ATTACK_NAMES.get(a, a)} on {r['method']}: \"{x['refused']}\"" for r in rows
+               for a, x in r["attacks"].items() if "refused" in x]
     lines += ["", "Every attack on the same prompts and seeds as UnlearnDiffAtk's column of the table above (the "
               "cell's attacked captions), on the cell's Edit. ASR includes pre-ASR; 95 % Wilson intervals over the "
               "pooled prompts of the 8 targets; UNet evals: mean UNet forward passes per prompt (CFG counts two; "
@@ -632,7 +657,8 @@ def attack_lines(doc: dict) -> list[str]:
               + (f" The attack job made the cell's Edit again where the cell's run had not kept it ({remade} of "
                  f"{sum(len(_cells(doc, r['method'])) for r in rows)} Edits); as a check that it is the same Edit, "
                  f"the attacks' pre-ASR (the unmodified prompts, same seeds) equals the cell's on {agree} of those "
-                 f"{remade}." if remade else "")]
+                 f"{remade}." if remade else "")
+              + (" Refused before any work, so not in the matrix: " + "; ".join(refused) + "." if refused else "")]
     return lines
 
 
@@ -645,7 +671,8 @@ def _remade_edits(doc: dict) -> tuple[int, int]:
             continue
         cell = doc["jobs"].get(f"cell/{job['method']}/{job['target']}")
         remade += 1
-        agree += cell is not None and all(a["pre_ASR"] == cell["pre_ASR"] for a in job["attacks"].values())
+        agree += cell is not None and all(a["pre_ASR"] == cell["pre_ASR"] for a in job["attacks"].values()
+                                          if "refused" not in a)
     return remade, agree
 
 

@@ -172,3 +172,18 @@ def test_attack_matrix_pools_the_prompts_and_tests_the_strongest_against_unlearn
     # a method with one target's attacks missing has no row
     del doc["jobs"]["attacks/uce/Fishes"]
     assert bench.attack_matrix(doc) == []
+
+
+def test_an_attack_that_refuses_a_methods_edits_is_named_and_left_out_of_the_strongest(bench):
+    """P4D refuses a one-step (SFD) Edit before any work: the matrix shows the refusal, not a rate, and the
+    strongest attack is chosen among those that ran."""
+    doc = _synthetic_doc(bench, uce_hits=1, p4d_hits=4)
+    for name, job in doc["jobs"].items():
+        if name.startswith("attacks/"):
+            job["attacks"]["p4d"] = {"refused": "p4d matches noise predictions of a denoiser"}
+    [row] = bench.attack_matrix(doc)
+    assert row["attacks"]["p4d"] == {"refused": "p4d matches noise predictions of a denoiser"}
+    assert bench._strongest(row) == ("unlearndiffatk", None)
+    lines = bench.attack_lines(doc)
+    assert "refuses this Edit" in [x for x in lines if x.startswith("| uce |")][0]
+    assert 'P4D-K on uce: "p4d matches noise predictions of a denoiser"' in lines[-1]
