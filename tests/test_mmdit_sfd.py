@@ -8,7 +8,7 @@ import torch
 import erasekit
 from erasekit.erase.sfd import SIGMA_INIT, SFDConfig, SFDTrainer, flow_t_init
 from erasekit.errors import ConfigError
-from erasekit.pipelines import Edit, FamilyAdapter, Sampling, generate, one_step_pipeline
+from erasekit.pipelines import Edit, FamilyAdapter, Sampling, generate, load_pipeline, one_step_pipeline
 from erasekit.pipelines.flow import FlowModel
 from erasekit.pipelines.one_step import NoiseSchedule, one_step_latents
 
@@ -67,7 +67,7 @@ def test_one_step_generator_is_one_transformer_call_per_batch(tiny_sd3):
     assert torch.allclose(latents, x_g, atol=1e-5)
 
 
-def test_sfd_on_sd3_trains_a_transformer_generator_that_saves_loads_and_samples(tiny_sd3, tmp_path):
+def test_sfd_on_sd3_trains_a_transformer_generator_that_saves_loads_merges_and_samples(tiny_sd3, tmp_path):
     before = {k: v.clone() for k, v in tiny_sd3.transformer.state_dict().items()}
     edit = erasekit.erase(tiny_sd3, "sfd", ["Van Gogh"], iterations=2, **TINY)
     assert all(torch.equal(before[k], v) for k, v in tiny_sd3.transformer.state_dict().items())
@@ -82,6 +82,10 @@ def test_sfd_on_sd3_trains_a_transformer_generator_that_saves_loads_and_samples(
     b = generate(one_step_pipeline(tiny_sd3, loaded), ["a cat"], seeds=[0], output_type="np")[0]
     teacher = generate(one_step_pipeline(tiny_sd3, t_init=714), ["a cat"], seeds=[0], output_type="np")[0]
     assert (a == b).all() and not (a == teacher).all()
+    edit.merge(tiny_sd3, tmp_path / "merged")                  # a merged folder loads as its one-step sampler
+    merged = load_pipeline(tmp_path / "merged")
+    assert merged.transformer is not None and merged.t_init == 714
+    assert abs(generate(merged, ["a cat"], seeds=[0], output_type="np")[0] - a).max() < 1e-4
 
 
 def test_forget_samples_move_to_the_anchor_relative_to_retain_samples(tiny_sd3):

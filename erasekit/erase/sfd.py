@@ -50,6 +50,20 @@ sample (the reference DDPM's ``pseudo_label_type="rand"``), which on canvas-mini
 costs the other styles more (a moving target: docs/methods/sfd.md); the prompts are its captions
 (every unique template). On other models the concept is replaced by "" and ``retain_prompts`` is required.
 
+SD 3 (flow matching; docs/backbones.md, "SFD on SD 3"). The teacher's forward process is
+x_s = (1 - s) x0 + s eps, i.e. x0 + (s / (1 - s)) eps scaled by 1 - s: SiD's EDM process with
+sigma = s / (1 - s), as SD's x_t = a x0 + b eps is with sigma = b / a. SiD's identities hold for any
+such Gaussian process, and every loss above is written in x0 and eps predictions, which are affine
+in the transformer's velocity v = eps - x0 at a given s (x0 = x_s - s v, eps = x_s + (1 - s) v;
+:class:`~erasekit.pipelines.one_step.NoiseSchedule`), so they carry over unchanged: L_psi in eps
+space is the flow-matching loss ||v_psi - (eps - x_g)||^2 weighted by (1 - s)^2, and omega, SiD's
+data-adaptive weight, reads x0 predictions only. The LSG combination taken on v is the same
+combination of the implied eps. The generator is a copy of the transformer at t_init:
+x_g = s (z - v_theta(s z, s, c)); ``t``, ``t_init``, ``t_min`` and ``t_max`` index the scheduler's
+1000-step training grid, s = its shifted t / 1000, and the preset's t_init is the grid step at SiD's
+sigma_init = 2.5 (s = 5 / 7: 455 at SD 3's shift 3; :func:`flow_t_init`). Flux is refused
+(:data:`FLUX_REFUSAL`).
+
 Presets (:func:`resolve`): every option of :data:`PRESET_KEYS` left at None takes the value of the
 model's preset, recorded with the others in the Edit's manifest (``preset``, ``resolved``); an option
 you give always wins. Every model without a provider of its own gets ``reference``, the SD v1.5
@@ -570,8 +584,8 @@ FLUX_REFUSAL = (
     "SFD distils a one-step generator from the teacher's score with SiD-LSG guidance: a fake score and the teacher "
     "each combine an unconditional and a conditional prediction with scale kappa, and the fake score is trained on "
     "the generator's samples with 10 % of its conditions dropped to the unconditional one. FLUX.1-dev is "
-    "guidance-distilled (one conditional prediction with a guidance embedding, no unconditional prediction or "
-    "dropout training to combine) and FLUX.1-schnell is timestep-distilled (not a score of its distribution at "
+    "guidance-distilled (one conditional prediction with a guidance embedding, no unconditional prediction for "
+    "guidance to combine) and FLUX.1-schnell is timestep-distilled (not a score of its distribution at "
     "every noise level), so neither gives the guided teacher score or a fake score of that form; SD 3 does "
     "(docs/backbones.md, 'SFD on SD 3')")
 
