@@ -86,6 +86,13 @@ def test_sfd_on_sd3_trains_a_transformer_generator_that_saves_loads_merges_and_s
     merged = load_pipeline(tmp_path / "merged")
     assert merged.transformer is not None and merged.t_init == 714
     assert abs(generate(merged, ["a cat"], seeds=[0], output_type="np")[0] - a).max() < 1e-4
+    # attacked through its one-step pipeline, which reads as an SD 3 pipeline (prefix tokens encode through it)
+    from tests.test_attacks import ToneJudge
+
+    for method in ("none", "random_prefix"):
+        judge = ToneJudge(threshold=1e9)   # never "bright": the attack spends its budget
+        res = erasekit.attack(tiny_sd3, ["a cat"], "bright", judge=judge, method=method, edit=edit, progress=False)
+        assert res.prompts[0].unet_evals == judge.images >= 1   # one transformer call per judged image
 
 
 def test_forget_samples_move_to_the_anchor_relative_to_retain_samples(tiny_sd3):

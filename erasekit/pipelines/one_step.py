@@ -165,7 +165,8 @@ class OneStepPipeline:
     a ``DiffusionPipeline``, so that ``import erasekit.pipelines`` stays free of diffusers.
 
     SD 3: the generator is ``transformer`` (``unet`` is None) and ``base``, the stock SD 3 pipeline,
-    encodes the prompts (its own ``encode_prompt``) and gives the flow schedule.
+    gives the flow schedule, its third text encoder and its ``encode_prompt``, so that erasekit reads
+    this pipeline as an SD 3 one (:class:`~erasekit.pipelines.FamilyAdapter`, ``FlowModel``; attacks).
     """
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, text_encoder_2=None, tokenizer_2=None,
@@ -173,6 +174,9 @@ class OneStepPipeline:
         self.vae, self.text_encoder, self.tokenizer, self.unet = vae, text_encoder, tokenizer, unet
         self.text_encoder_2, self.tokenizer_2, self.scheduler = text_encoder_2, tokenizer_2, scheduler
         self.transformer, self._base = transformer, base
+        if base is not None:
+            self.text_encoder_3, self.tokenizer_3 = getattr(base, "text_encoder_3", None), base.tokenizer_3
+            self.default_sample_size, self.encode_prompt = base.default_sample_size, base.encode_prompt
         if (unet is None) == (transformer is None) or (transformer is not None and base is None):
             raise ConfigError("a one-step pipeline takes a generator UNet, or a generator transformer with its "
                               "base SD 3 pipeline (base=)")
@@ -187,12 +191,17 @@ class OneStepPipeline:
         self._t_init = int(t_init)
 
     @property
+    def base_pipeline(self):
+        """SD 3: the stock pipeline whose text side and schedule this one uses; None on UNet families."""
+        return self._base
+
+    @property
     def generator(self):
         """The generator network: the UNet, or SD 3's transformer."""
         return self.unet if self.unet is not None else self.transformer
 
     def __repr__(self) -> str:
-        family = FamilyAdapter(self if self._base is None else self._base).family
+        family = FamilyAdapter(self).family
         return f"OneStepPipeline(t_init={self.t_init}, family={family!r}, device={self.device})"
 
     @property
@@ -205,7 +214,7 @@ class OneStepPipeline:
 
     def to(self, *args, **kwargs) -> "OneStepPipeline":
         """Move every module (as ``DiffusionPipeline.to``); returns self."""
-        third = getattr(self._base, "text_encoder_3", None)
+        third = getattr(self, "text_encoder_3", None)
         for m in (self.vae, self.text_encoder, self.text_encoder_2, third, self.generator):
             if m is not None:
                 m.to(*args, **kwargs)
@@ -236,8 +245,7 @@ class OneStepPipeline:
         shape = (len(prompts), *self._schedule.latent_shape(self.generator, height, width, self.vae_scale_factor))
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        ctx = FamilyAdapter(self if self._base is None else self._base).encode(prompts)
-        ctx = Context(ctx.embeds.to(self.device), None if ctx.pooled is None else ctx.pooled.to(self.device))
+        ctx = FamilyAdapter(self).encode(prompts)
         x0 = one_step_latents(self.generator, latents.to(self.device), ctx, self.t_init, self._schedule, self)
         images = self.decode(x0, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
