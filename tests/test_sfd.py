@@ -9,7 +9,7 @@ from erasekit.erase.engine import CHECKPOINT_NAME
 from erasekit.erase.sfd import SFDConfig, SFDTrainer, prompt_sets, sid_loss
 from erasekit.errors import ConfigError, EditError
 from erasekit.pipelines import Edit, FamilyAdapter, Sampling, generate, one_step_pipeline
-from erasekit.pipelines.one_step import alphas_cumprod, one_step_latents, to_x0_eps
+from erasekit.pipelines.one_step import NoiseSchedule, alphas_cumprod, one_step_latents, to_x0_eps
 
 RETAIN = ("a photo of a dog", "a red house", "a tree in winter")
 TINY = dict(batch_size=2, forget_batch_size=2, distill_iterations=0, retain_prompts=RETAIN, progress=False)
@@ -222,7 +222,7 @@ def test_one_step_latents_is_x0_prediction_at_t_init(tiny_sd1):
     a, b = abar[625].sqrt(), (1 - abar[625]).sqrt()
     with torch.no_grad():
         eps = tiny_sd1.unet(b * z, torch.tensor([625, 625]), encoder_hidden_states=ctx.embeds).sample
-        x_g = one_step_latents(tiny_sd1.unet, z, ctx, 625, abar, tiny_sd1)
+        x_g = one_step_latents(tiny_sd1.unet, z, ctx, 625, NoiseSchedule(tiny_sd1))
     assert torch.allclose(x_g, (b * z - b * eps) / a, atol=1e-5)
     x0, e = to_x0_eps(eps, b * z, a, b, "v_prediction")  # any parametrisation keeps x_t = a x0 + b eps
     assert torch.allclose(a * x0 + b * e, b * z, atol=1e-5)

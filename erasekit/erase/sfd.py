@@ -50,6 +50,20 @@ sample (the reference DDPM's ``pseudo_label_type="rand"``), which on canvas-mini
 costs the other styles more (a moving target: docs/methods/sfd.md); the prompts are its captions
 (every unique template). On other models the concept is replaced by "" and ``retain_prompts`` is required.
 
+SD 3 (flow matching; docs/backbones.md, "SFD on SD 3"). The teacher's forward process is
+x_s = (1 - s) x0 + s eps, i.e. x0 + (s / (1 - s)) eps scaled by 1 - s: SiD's EDM process with
+sigma = s / (1 - s), as SD's x_t = a x0 + b eps is with sigma = b / a. SiD's identities hold for any
+such Gaussian process, and every loss above is written in x0 and eps predictions, which are affine
+in the transformer's velocity v = eps - x0 at a given s (x0 = x_s - s v, eps = x_s + (1 - s) v;
+:class:`~erasekit.pipelines.one_step.NoiseSchedule`), so they carry over unchanged: L_psi in eps
+space is the flow-matching loss ||v_psi - (eps - x_g)||^2 weighted by (1 - s)^2, and omega, SiD's
+data-adaptive weight, reads x0 predictions only. The LSG combination taken on v is the same
+combination of the implied eps. The generator is a copy of the transformer at t_init:
+x_g = s (z - v_theta(s z, s, c)); ``t``, ``t_init``, ``t_min`` and ``t_max`` index the scheduler's
+1000-step training grid, s = its shifted t / 1000, and the preset's t_init is the grid step at SiD's
+sigma_init = 2.5 (s = 5 / 7: 455 at SD 3's shift 3; :func:`flow_t_init`). Flux is refused
+(:data:`FLUX_REFUSAL`).
+
 Presets (:func:`resolve`): every option of :data:`PRESET_KEYS` left at None takes the value of the
 model's preset, recorded with the others in the Edit's manifest (``preset``, ``resolved``); an option
 you give always wins. Every model without a provider of its own gets ``reference``, the SD v1.5
@@ -122,17 +136,37 @@ REFERENCE = dict(iterations=12_500, distill_iterations=12_500, batch_size=8, for
                  lr_theta=1e-6, adam_betas=(0.0, 0.999), adam_eps=1e-6, alpha=1.0, lam_g_r=1.0, lam_g_f=1.0,
                  lam_sg_r=1.0, lam_sg_f=1.0, t_init=625, t_min=20, t_max=979, kappa=4.5, cfg_dropout=0.1,
                  grad_clip=1.0, ema_decay=0.0, pseudo_label="next")
-FULL_SIZE_LATENT = 32   # UNets with larger latents (SD 1.x/2.x: 64, SDXL: 128) checkpoint their activations
+FULL_SIZE_LATENT = 32   # denoisers with larger latents (SD 1.x/2.x: 64, SDXL, SD 3: 128) checkpoint their activations
+# SiD's generator noise level in EDM units (x0 + sigma eps): SD's t_init 625 has sqrt((1 - abar) / abar) = 2.50.
+SIGMA_INIT = 2.5
 # The options a preset fills (a None field takes the preset's value).
 PRESET_KEYS = (*REFERENCE, "mixed_precision", "gradient_checkpointing")
 
 
 def reference_preset(pipe) -> dict:
     """:data:`REFERENCE` with the reference's precision for ``pipe``: bf16 autocast on GPU (fp32 master
-    weights), gradient checkpointing of the three UNets on full-size models."""
-    unet = pipe.unet
-    return {**REFERENCE, "mixed_precision": "bf16" if unet.device.type == "cuda" else "no",
-            "gradient_checkpointing": int(unet.config.sample_size) > FULL_SIZE_LATENT}
+    weights), gradient checkpointing of the three denoisers on full-size models. On SD 3 ``t_init`` is
+    the grid timestep at SiD's generator noise level (:func:`flow_t_init`)."""
+    from ..pipelines.mmdit import denoiser, mmdit_family
+
+    net = denoiser(pipe)
+    values = {**REFERENCE, "mixed_precision": "bf16" if net.device.type == "cuda" else "no",
+              "gradient_checkpointing": int(net.config.sample_size) > FULL_SIZE_LATENT}
+    if mmdit_family(pipe) is not None:
+        from ..pipelines.one_step import NoiseSchedule
+
+        values["t_init"] = flow_t_init(NoiseSchedule(pipe))
+    return values
+
+
+def flow_t_init(schedule) -> int:
+    """The flow grid's timestep whose noise level s is nearest SiD's sigma_init in EDM units.
+
+    x_s = (1 - s) x0 + s eps is x0 + (s / (1 - s)) eps scaled by 1 - s, so the EDM noise level is
+    s / (1 - s); SiD-LSG's t_init 625 on SD's schedule is sigma_init 2.5, i.e. s = 2.5 / 3.5 = 0.714
+    (SD 3's shift 3: t_init 455 of 1000; shift 1: 714)."""
+    t = torch.arange(1, len(schedule))
+    return int(t[(schedule.sigma(t) - SIGMA_INIT / (1 + SIGMA_INIT)).abs().argmin()])
 
 
 @dataclass
@@ -320,10 +354,8 @@ def _load_generator(unet, source: str, pipe, t_init: int) -> None:
     from ..pipelines.edit import Edit
 
     path = Path(source)
-    if path.is_dir():  # a diffusers UNet2DConditionModel folder (safetensors), e.g. a converted SiD-LSG generator
-        from diffusers import UNet2DConditionModel
-
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(path, use_safetensors=True).state_dict())
+    if path.is_dir():  # a diffusers model folder (safetensors) of the denoiser's class, e.g. a converted SiD-LSG UNet
+        unet.load_state_dict(type(unet).from_pretrained(path, use_safetensors=True).state_dict())
         return
     edit = Edit.load(path, pipe)
     if not edit.one_step or edit.manifest.get("generator_timestep") != t_init:
@@ -364,7 +396,8 @@ class SFDTrainer:
 
     def __init__(self, pipe, concepts: list[str], config: SFDConfig, generator: dict | None = None, ctx=None):
         from ..pipelines.family import FamilyAdapter
-        from ..pipelines.one_step import alphas_cumprod
+        from ..pipelines.mmdit import denoiser
+        from ..pipelines.one_step import NoiseSchedule
 
         self.pipe, self.concepts = pipe, list(concepts)
         self.ctx = ctx or concept_context(pipe, self.concepts, config)
@@ -372,12 +405,13 @@ class SFDTrainer:
         self.config = config
         self.prompts = prompt_sets(self.concepts, config, self.ctx)
         self.adapter = FamilyAdapter(pipe)
-        self.teacher = pipe.unet
-        self.abar = alphas_cumprod(pipe.scheduler)
-        n = len(self.abar)
+        self.teacher = denoiser(pipe)
+        self.component = "transformer" if self.adapter.mmdit else "unet"
+        self.schedule = NoiseSchedule(pipe)
+        n = len(self.schedule)
         check(config.t_init < n and config.t_max < n,
               f"`t_init` and `t_max` must be < {n} (the schedule's length) but are {config.t_init}, {config.t_max}")
-        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        self.prediction_type = self.schedule.prediction_type
         self.psi, self.G = (copy.deepcopy(self.teacher).float().train() for _ in range(2))
         kw = dict(betas=tuple(config.adam_betas), eps=config.adam_eps)
         optimizers = {"psi": torch.optim.Adam(self.psi.parameters(), lr=config.lr_psi, **kw),
@@ -390,7 +424,7 @@ class SFDTrainer:
         networks = {"psi": self.psi, "G": self.G, **({"ema": self.ema} if self.ema is not None else {})}
         signature = {**{k: v for k, v in config.to_dict().items() if k != "iterations"}, "concepts": self.concepts}
         self.engine = Trainer(pipe, {}, config, steps=config.iterations, signature=signature, networks=networks,
-                              optimizers=optimizers, grad_through=("unet",), stream_rng=True)
+                              optimizers=optimizers, grad_through=(self.component,), stream_rng=True)
         self.last: dict = {}
         self._empty = self.adapter.encode([""])
         self._negative = self.adapter.encode([config.negative_prompt])
@@ -399,7 +433,7 @@ class SFDTrainer:
     def __enter__(self) -> "SFDTrainer":
         self.engine.__enter__()
         self.device, self.rng = self.engine.device, self.engine.rng
-        self.abar = self.abar.to(self.device)
+        self.schedule.to(self.device)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -424,8 +458,8 @@ class SFDTrainer:
         gen = retain + [P.forget[i] for i in picks]
         teacher = retain + [P.safe_prompt(i, self.rng) for i in picks]
         uncond = Context.cat([self._empty] * n_r + [self._negative] * n_f)
-        n, unet = n_r + n_f, self.teacher.config
-        shape = (n, unet.in_channels, unet.sample_size, unet.sample_size)
+        n = n_r + n_f
+        shape = (n, *self.schedule.latent_shape(self.teacher))
         z, eps = (torch.randn(shape, generator=self.rng).to(self.device) for _ in range(2))
         t = torch.tensor(self._randint(cfg.t_max + 1, n, cfg.t_min), device=self.device)
         return Batch(n_r, self._encode(gen), self._encode(teacher), uncond, z, t, eps)
@@ -435,32 +469,31 @@ class SFDTrainer:
 
     # -- predictions --------------------------------------------------------------------------------
     def _ab(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        abar = self.abar[t].view(-1, 1, 1, 1)
-        return abar.sqrt(), (1 - abar).sqrt()
+        return self.schedule.ab(t)
 
     def generate(self, z: torch.Tensor, ctx, grad: bool = True) -> torch.Tensor:
         """x_g = G_theta(z, c) (with or without gradient)."""
         from ..pipelines.one_step import one_step_latents
 
         with torch.set_grad_enabled(grad), self.engine.autocast():
-            return one_step_latents(self.G, z, ctx, self.config.t_init, self.abar, self.pipe,
-                                    self.prediction_type).float()
+            return one_step_latents(self.G, z, ctx, self.config.t_init, self.schedule).float()
 
-    def guided(self, unet, x_t: torch.Tensor, t: torch.Tensor, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, eps) of eps^kappa(x_t; c, u) = eps(x_t, u) + kappa (eps(x_t, c) - eps(x_t, u))."""
-        from ..pipelines.one_step import to_x0_eps, unet_output
+    def guided(self, net, x_t: torch.Tensor, t: torch.Tensor, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) of eps^kappa(x_t; c, u) = eps(x_t, u) + kappa (eps(x_t, c) - eps(x_t, u)).
 
+        The combination is taken on the network's raw output (eps, v or x0; SD 3's velocity): every
+        output type is affine in eps at a given (x_t, t) with the same coefficients for u and c, so it
+        is the same combination of the implied eps."""
+        out_of = self.schedule.output
         kappa = self.config.kappa
         with self.engine.autocast():
             if kappa == 1.0:
-                out = unet_output(unet, x_t, t, cond, self.pipe).float()
+                out = out_of(net, x_t, t, cond).float()
             else:
-                both = unet_output(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), Context.cat([uncond, cond]),
-                                   self.pipe).float()
+                both = out_of(net, torch.cat([x_t, x_t]), torch.cat([t, t]), Context.cat([uncond, cond])).float()
                 out_u, out_c = both.chunk(2)
                 out = out_u + kappa * (out_c - out_u)
-        a, b = self._ab(t)
-        return to_x0_eps(out, x_t, a, b, self.prediction_type)
+        return self.schedule.x0_eps(out, x_t, t)
 
     # -- the two losses -------------------------------------------------------------------------------
     def fake_score_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
@@ -523,16 +556,20 @@ class SFDTrainer:
 
     # -- the result -------------------------------------------------------------------------------------
     def generator(self):
-        """The generator's UNet (its EMA when kept)."""
+        """The generator network, a copy of the teacher's UNet or transformer (its EMA when kept)."""
         return self.ema if self.ema is not None else self.G
 
     def edit(self, **manifest_extra):
-        """The generator as an Edit replacing every UNet weight; its manifest asks for the one-step sampler."""
+        """The generator as an Edit replacing every weight of the denoiser (UNet or SD 3 transformer); its
+        manifest asks for the one-step sampler (and gives SD 3's ``generator_sigma``)."""
         from ..pipelines.edit import Edit
         from ..pipelines.one_step import ONE_STEP
 
         gen = self.generator()
-        new = {f"unet/{name}": p.detach() for name, p in gen.named_parameters()}
+        new = {f"{self.component}/{name}": p.detach() for name, p in gen.named_parameters()}
+        if self.schedule.flow is not None:
+            manifest_extra = {"generator_sigma": round(float(self.schedule.sigma(torch.tensor(
+                [self.config.t_init]))[0]), 6), **manifest_extra}
         manifest = {"sampler": ONE_STEP, "generator_timestep": self.config.t_init,
                     "prediction_type": self.prediction_type, "iterations_run": self.step,
                     "resumed_from": self.engine.resumed_from,
@@ -543,11 +580,23 @@ class SFDTrainer:
         return Edit.from_weights(self.pipe, new, manifest, low_rank=False)
 
 
-@register("sfd", SFDConfig, components=("unet",))
+FLUX_REFUSAL = (
+    "SFD distils a one-step generator from the teacher's score with SiD-LSG guidance: a fake score and the teacher "
+    "each combine an unconditional and a conditional prediction with scale kappa, and the fake score is trained on "
+    "the generator's samples with 10 % of its conditions dropped to the unconditional one. FLUX.1-dev is "
+    "guidance-distilled (one conditional prediction with a guidance embedding, no unconditional prediction for "
+    "guidance to combine) and FLUX.1-schnell is timestep-distilled (not a score of its distribution at "
+    "every noise level), so neither gives the guided teacher score or a fake score of that form; SD 3 does "
+    "(docs/backbones.md, 'SFD on SD 3')")
+
+
+@register("sfd", SFDConfig, components=("unet", "transformer"), families=("sd1", "sd2", "sdxl", "sd3"),
+          refusals={"flux": FLUX_REFUSAL})
 def sfd(pipe, concepts: list[str], config: SFDConfig):
     """Score Forgetting Distillation: distil ``pipe`` into a one-step generator that forgets ``concepts``.
 
-    Returns an Edit (every UNet weight) whose manifest has ``"sampler": "one_step"``; sample it with
+    Returns an Edit (every weight of the UNet, or of SD 3's transformer) whose manifest has
+    ``"sampler": "one_step"``; sample it with
     ``generate(one_step_pipeline(pipe, edit), prompts, seeds)``. The pipeline is left unchanged.
     Without ``generator_init``, stage 1 (``distill_iterations`` of plain SiD) makes the one-step
     generator that the forgetting stage starts from; a plain run (``forget_batch_size=0``) is

@@ -179,9 +179,11 @@ def check_contents(weights: dict, deltas: dict, manifest: dict) -> None:
         raise EditError(f"this Edit says it was made by {method!r}, which changes only "
                         f"{', '.join(declared_components(method))}, but it changes {outside[0]!r}: the file was "
                         "altered or mislabelled; refusing it")
-    if manifest.get("sampler") == "one_step" and any(not k.startswith("unet/") for k in keys):
-        other = next(k for k in keys if not k.startswith("unet/"))
-        raise EditError(f"a one-step generator Edit changes only the UNet, this one also {other!r}")
+    if manifest.get("sampler") == "one_step" and keys:   # the generator: one denoiser (UNet, or SD 3's transformer)
+        comp = "transformer" if keys[0].startswith("transformer/") else "unet"
+        other = next((k for k in keys if not k.startswith(f"{comp}/")), None)
+        if other is not None:
+            raise EditError(f"a one-step generator Edit changes only the {comp}, this one also {other!r}")
 
 
 def fingerprints_match(ref: dict, now: dict) -> bool:

@@ -165,7 +165,13 @@ def model_card(manifest: dict, evaluation: dict | None = None) -> str:
                   for k, v in evaluation.items() if k not in ("file", "protocol")]
         lines.append("")
     lines += ["## Use", ""]
-    if m.get("sampler") == "one_step":
+    if m.get("sampler") == "one_step" and m.get("family") == "sd3":
+        lines += [f"The transformer is a **one-step generator** (SFD) at timestep {m.get('generator_timestep')} "
+                  f"(flow sigma `s = {m.get('generator_sigma')}`): do not sample it with the folder's multi-step "
+                  "scheduler. `erasekit.load_pipeline(folder)` returns its one-step sampler; by hand: with "
+                  "`z ~ N(0, I)` the latent is `s (z - transformer(s z, s, c))`, decoded by the VAE, with no "
+                  "classifier-free guidance.", ""]
+    elif m.get("sampler") == "one_step":
         lines += [f"The UNet is a **one-step generator** (SFD) at timestep {m.get('generator_timestep')}: do not "
                   "sample "
                   "it with the folder's multi-step scheduler. `erasekit.load_pipeline(folder)` returns its one-step "

@@ -65,7 +65,9 @@ def text_stack(pipe, family: str) -> tuple[list, list[nn.Module]]:
 
 
 def default_sequence_length(pipe) -> int:
-    """The T5 sequence length the pipeline's ``__call__`` uses unless told otherwise."""
+    """The T5 sequence length the pipeline's ``__call__`` uses unless told otherwise (SFD's one-step SD 3
+    sampler: its base pipeline's)."""
+    pipe = getattr(pipe, "base_pipeline", None) or pipe
     param = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
     if param is None or not isinstance(param.default, int):
         raise ConfigError(f"{type(pipe).__name__}.__call__ has no integer default `max_sequence_length`; erasekit "
