@@ -69,9 +69,10 @@ def test_readme_links_point_to_files():
         assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
 
 
-# The attack and the evaluation take minutes on 2 cores: the default suite runs the other lines of the
-# CLI block, the slow one every line in order.
-_LONG = ("erasekit attack", "erasekit eval")
+# The attack and the evaluation take minutes on 2 cores, the two exports about 18 s: the default suite runs the
+# other lines of the CLI block, the slow one every line in order (tests/test_export.py::test_cli_export checks
+# the export command in the default suite, in process).
+_LONG = ("erasekit attack", "erasekit eval", "erasekit export")
 
 
 def test_quick_cli_examples_run_as_written(tmp_path):

@@ -107,6 +107,10 @@ def test_anchoring_keeps_other_contexts_closer(tiny_sd1):
     assert moved[1000.0] < moved[0.0]
 
 
+# About 40 s (the canvas preset's erasure and 40 judged images): in the slow suite (python -m pytest -m slow
+# tests/test_spm.py) so the default suite keeps its 10-minute budget; the tiny-pipeline tests above check SPM's
+# mechanics in the default suite.
+@pytest.mark.slow
 def test_erasing_a_style_on_canvas_mini(canvas_pipe, canvas_judge):
     def accuracy(style):
         return style_accuracy(canvas_pipe, canvas_judge, style, objects=5, seeds=(0, 1), steps=15)
