@@ -138,6 +138,22 @@ def _flow_vae():
                          use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5).eval()
 
 
+def pipeline_state(pipe) -> dict:
+    """A copy of every weight of every torch module of ``pipe`` (to check later that nothing changed)."""
+    import torch
+
+    return {f"{n}/{k}": v.detach().clone() for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)
+            for k, v in m.state_dict().items()}
+
+
+def pipeline_unchanged(before: dict, pipe) -> bool:
+    """Whether ``pipe`` holds exactly the weights of ``before`` (:func:`pipeline_state`), no more, no fewer."""
+    import torch
+
+    after = pipeline_state(pipe)
+    return after.keys() == before.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+
+
 def build_tiny_mmdit(family: str, tokenizer_dir: Path):
     """A tiny SD3 (CLIP-L, CLIP-G, T5; 2 joint blocks) or Flux (CLIP-L, T5; 1 joint + 1 single block) pipeline
     with a flow-matching scheduler, shaped as diffusers' own tests build them. SD3's CLIP widths (32 + 32)

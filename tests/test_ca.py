@@ -102,6 +102,9 @@ def test_target_prompts_need_anchor_prompts_of_the_same_length():
         CAConfig(anchor_prompts=["a dog", "two dogs"], target_prompts=["a wolf"])
 
 
+# About 15 s: in the slow suite (python -m pytest -m slow tests/test_ca.py) so the default suite keeps its
+# 10-minute budget; the tiny-pipeline tests above check CA's losses and trained set.
+@pytest.mark.slow
 def test_ca_erases_a_canvas_style_and_keeps_the_others(canvas_pipe, canvas_judge):
     edit = erasekit.erase(canvas_pipe, "ca", ["Van_Gogh"], progress=False)
     with edit.applied(canvas_pipe):

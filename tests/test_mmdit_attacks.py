@@ -11,6 +11,7 @@ from erasekit.errors import ConfigError
 from erasekit.pipelines import Edit, FamilyAdapter, default_sampling, generate
 
 from _attack_helpers import ToneJudge
+from conftest import pipeline_state as _state, pipeline_unchanged as _unchanged
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])
@@ -19,16 +20,6 @@ def mmdit(request, clip_tokenizer_dir):
     from conftest import build_tiny_mmdit
 
     return build_tiny_mmdit(request.param, clip_tokenizer_dir)
-
-
-def _state(pipe) -> dict:
-    return {f"{n}/{k}": v.detach().clone() for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)
-            for k, v in m.state_dict().items()}
-
-
-def _unchanged(before: dict, pipe) -> bool:
-    after = _state(pipe)
-    return after.keys() == before.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
 
 
 def _sampling(pipe):

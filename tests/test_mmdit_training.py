@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import pipeline_state as _state, pipeline_unchanged as _unchanged
+
 import erasekit
 from erasekit.erase.esd import esd_target
 from erasekit.erase.param_sets import select_params
@@ -35,16 +37,6 @@ def mmdit(request, clip_tokenizer_dir):
     """A tiny SD3, Flux and guidance-distilled Flux pipeline, shared by the module (tests leave it unchanged)."""
     family = request.param.split("-")[0]
     return _build(family, clip_tokenizer_dir, guidance_embeds=request.param == "flux-dev")
-
-
-def _state(pipe) -> dict:
-    return {f"{n}/{k}": v.detach().clone() for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)
-            for k, v in m.state_dict().items()}
-
-
-def _unchanged(before: dict, pipe) -> bool:
-    after = _state(pipe)
-    return after.keys() == before.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
 
 
 # -- the flow-matching maths -------------------------------------------------------------------------------

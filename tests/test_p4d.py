@@ -100,13 +100,15 @@ def test_refuses_without_the_original_model_and_bad_options(tiny_sd1):
 
 def test_cli_lists_the_attacks_and_their_options(capsys):
     from erasekit.attacks.concept_inversion import ConceptInversionConfig
+    from erasekit.attacks.ring_a_bell import RingABellConfig
     from erasekit.cli.main import EXIT_OK, main
 
     capsys.readouterr()
     assert main(["attack", "--help"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert "p4d" in out.split("--option", 1)[0] and "concept_inversion" in out.split("--option", 1)[0]
-    for cls in (P4DConfig, ConceptInversionConfig):
+    head = out.split("--option", 1)[0]
+    assert all(name in head for name in ("p4d", "concept_inversion", "ring_a_bell"))
+    for cls in (P4DConfig, ConceptInversionConfig, RingABellConfig):
         for name, default, _help in cls.options():
             assert f"{name} (default {default!r})" in out
 

@@ -239,12 +239,7 @@ class _Inversion:
         if self.fm is not None:
             return self.flow_step()
         n, unet, dev = self.config.images_per_step, self.pipe.unet, self.z0.device
-        pick, used = [], {}
-        for c in self.active:
-            own = [i for i in range(len(self.rows)) if self.of[i] == c]
-            draw = torch.randint(len(own), (n,), generator=self.gens[c])
-            pick += [own[j] for j in draw.tolist()]
-            used[c] = n
+        pick, used = self._draw()
         t = torch.cat([torch.randint(len(self.abar), (n,), generator=self.gens[c]) for c in self.active]).to(dev)
         eps = torch.cat([torch.randn((n, *self.z0.shape[1:]), generator=self.gens[c]) for c in self.active]).to(dev)
         ab = self.abar[t].view(-1, 1, 1, 1)
@@ -262,6 +257,18 @@ class _Inversion:
         loss = (pred - eps).pow(2).flatten(1).mean(1).view(len(self.active), n).mean(1).sum()  # per-concept means
         self.update(loss)
         return used
+
+    def _draw(self) -> tuple[list[int], dict[int, int]]:
+        """``images_per_step`` rows of each active concept's own images, drawn from its generator, and the
+        count each concept used."""
+        n = self.config.images_per_step
+        pick, used = [], {}
+        for c in self.active:
+            own = [i for i in range(len(self.rows)) if self.of[i] == c]
+            draw = torch.randint(len(own), (n,), generator=self.gens[c])
+            pick += [own[j] for j in draw.tolist()]
+            used[c] = n
+        return pick, used
 
     def update(self, loss: torch.Tensor) -> None:
         """One AdamW step of the active concepts' vectors on ``loss``."""
@@ -282,12 +289,7 @@ class _Inversion:
         from ..pipelines.flow import noisy, velocity
 
         n, dev = self.config.images_per_step, self.z0.device
-        pick, used = [], {}
-        for c in self.active:
-            own = [i for i in range(len(self.rows)) if self.of[i] == c]
-            draw = torch.randint(len(own), (n,), generator=self.gens[c])
-            pick += [own[j] for j in draw.tolist()]
-            used[c] = n
+        pick, used = self._draw()
         sigma = torch.cat([self.fm.sample_sigmas(n, self.gens[c]) for c in self.active]).to(dev)
         eps = torch.cat([torch.randn((n, *self.z0.shape[1:]), generator=self.gens[c]) for c in self.active]).to(dev)
         captions, at = torch.unique(torch.tensor(pick), return_inverse=True)
