@@ -263,7 +263,7 @@ class _BatchAttack:
         else:   # flow matching (module docstring): v = eps - z_tgt at sigma = shift(t / T)
             from ..pipelines.flow import noisy, velocity
 
-            sigma = self.fm.shifted(t.float() / self.n_train)
+            sigma = self.fm.grid_sigma(t)
             pred = self.fm.predict(self.pipe.transformer, noisy(self.z0[act], eps, sigma), sigma, ctx)
             target = velocity(self.z0[act], eps)
         err = (pred - target).pow(2) if self.config.criterion == "l2" else (pred - target).abs()

@@ -55,7 +55,7 @@ class FlowNoiser:
         self.num_train_timesteps = self.fm.n_train
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return self.fm.shifted((t.float() + 1) / self.num_train_timesteps)
+        return self.fm.grid_sigma(t + 1)   # index 0..T-1 -> grid timestep 1..T
 
     def __call__(self, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ctx) -> None:
         from ..pipelines.flow import noisy

@@ -144,11 +144,14 @@ class FlowModel:
         shift = float(cfg.get("shift", 1.0))
         return shift * u / (1 + (shift - 1) * u)
 
+    def grid_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """The noise level of timesteps ``t`` of the scheduler's training grid: ``shifted(t / T)``."""
+        return self.shifted(t.float() / self.n_train)
+
     def sample_sigmas(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` training noise levels: ``t ~ U{1..T}``, ``sigma = shifted(t / T)`` (the scheduler's training grid
         with its shift: what diffusers' SD 3 / Flux training scripts draw with uniform weighting)."""
-        t = torch.randint(1, self.n_train + 1, (n,), generator=generator)
-        return self.shifted(t.float() / self.n_train)
+        return self.grid_sigma(torch.randint(1, self.n_train + 1, (n,), generator=generator))
 
     # -- calling the transformer ------------------------------------------------------------------------
     def kwargs(self, z: torch.Tensor, sigma: torch.Tensor | float, ctx) -> dict:

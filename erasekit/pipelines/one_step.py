@@ -109,7 +109,7 @@ class NoiseSchedule:
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Flow matching: the noise level sigma_t of grid timesteps ``t`` (float32)."""
-        return self.flow.shifted(t.float() / self.n)
+        return self.flow.grid_sigma(t)
 
     def ab(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a_t, b_t), shaped to broadcast over latents ``B x C x h x w``."""
