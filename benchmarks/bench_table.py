@@ -6,6 +6,8 @@
     python benchmarks/bench_table.py --render              # rebuild table.md / table.json from finished jobs
     python benchmarks/bench_table.py --docs                # the page's table and docs/figures/ from cpu.json
     python benchmarks/bench_table.py --preset canvas --out benchmarks/results/table-canvas   # the canvas rerun
+    python benchmarks/bench_table.py --model canvas-mini-mmdit --methods uce rece esd salun advunlearn \
+        --sequence --out benchmarks/results/table-mmdit       # the canvas-mini-mmdit block (SD 3 architecture)
     erasekit bench table -- --out DIR                      # the same through the CLI
 
 What it runs (every job seeded, each one's result written atomically to ``OUT/jobs/<job>.json`` as
@@ -41,6 +43,11 @@ one plain one-step distillation of every caption (``sfd/stage1``, no forgetting,
 job, the counterpart of the SiD-LSG checkpoint the reference starts from), then the default
 forgetting run per target from it. Every other method runs at its defaults. The budgets are in the JSON.
 
+``--model canvas-mini-mmdit`` runs the same jobs on canvas-mini-mmdit, the SD 3-architecture model of
+the same world (docs/canvas-mini.md), sampled with flow-Euler at the protocol's steps and guidance; its
+results (``benchmarks/tables/cpu-mmdit.json``) fill the page's canvas-mini-mmdit block. The model is
+part of the run's settings, so a results folder never mixes the two models.
+
 Erase time is the erasure's wall time and this process's CPU time; peak memory is the process's
 peak resident set during the erasure (CPU) as recorded in the Edit's manifest.
 """
@@ -62,6 +69,7 @@ STYLES = ("Van_Gogh", "Pop_Art", "Ukiyoe", "Cubism")
 OBJECTS = ("Flowers", "Cats", "Towers", "Fishes")
 SEQUENCE = ("Van_Gogh", "Pop_Art", "Ukiyoe", "Cubism", "Watercolor")
 PROTOCOL = "canvas-lite"
+MODEL = "canvas-mini"    # the model every job runs on; another one (--model) is recorded in the settings
 ATTACK_PROMPTS = 5       # captions per target: the first 5 objects (style target) or styles (object target)
 ATTACK_SEEDS = (0,)      # each caption attacked at each of these seeds
 ATTACK_KS = (3,)         # prefix lengths; the first gives the table's ASR, the others the ASR-vs-k curve
@@ -92,12 +100,13 @@ COST = {"uce": 90, "rece": 110, "esd": 250, "salun": 190, "advunlearn": 320, "sf
 
 # -- jobs -------------------------------------------------------------------------------------------
 def jobs(methods, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, sfd_stage1=None, sfd=None,
-         settings: dict | None = None, attacks=()) -> dict[str, dict]:
+         settings: dict | None = None, attacks=(), ratios: bool = True) -> dict[str, dict]:
     """Every job of the benchmark: name -> {kind, needs (jobs that must finish first), cost, settings, ...}.
 
     ``settings``: protocol and attack sizes (a :data:`PRESETS` entry; default ``lite``), carried by
     every job that evaluates or attacks and recorded in its result. ``attacks``: the attacks run on
-    every cell's Edit besides UnlearnDiffAtk (some of :data:`ATTACKS`; none by default)."""
+    every cell's Edit besides UnlearnDiffAtk (some of :data:`ATTACKS`; none by default). ``ratios``: the
+    cost-ratio scripts (SD 1.4 / canvas-mini UNet figures; left out of another model's run)."""
     sfd_stage1, sfd = {**SFD_STAGE1, **(sfd_stage1 or {})}, {**SFD_OPTIONS, **(sfd or {})}
     settings = {**PRESETS["lite"], **(settings or {})}
     out = {"original": {"kind": "original", "targets": [*styles, *objects], "needs": [], "cost": 60,
@@ -118,6 +127,8 @@ def jobs(methods, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, sfd_stage1=
         if sequence:
             out[f"sequential/{m}"] = {"kind": "sequential", "method": m, "sequence": list(sequence),
                                       "cost": len(sequence) * COST[m], "settings": settings, **extra}
+    if not ratios:
+        return out
     out["ratio/closed_form"] = {"kind": "script", "needs": [], "cost": 120,
                                 "argv": ["bench_closed_form.py", "--threads", "1", "--repeats", "3"]}
     if "sfd" in methods:
@@ -154,14 +165,13 @@ def method_options(method: str, out: Path, job: str, budget: dict | None = None)
 _STATE: dict = {}
 
 
-def _context():
-    """This worker's pipeline and judge, loaded once."""
-    if not _STATE:
+def _context(model: str = MODEL):
+    """This worker's pipeline (``model``) and judge, loaded once."""
+    if _STATE.get("model") != model:
         import erasekit
         from erasekit.eval.judges import CanvasJudge
 
-        _STATE["pipe"] = erasekit.load_pipeline("canvas-mini")
-        _STATE["judge"] = CanvasJudge.load()
+        _STATE.update(model=model, pipe=erasekit.load_pipeline(model), judge=CanvasJudge.load())
     return _STATE["pipe"], _STATE["judge"]
 
 
@@ -238,7 +248,7 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
     if kind == "script":
         result = _run_script(spec["argv"], out / "scripts" / f"{name.split('/')[-1]}.json")
     else:
-        pipe, judge = _context()
+        pipe, judge = _context((spec.get("settings") or {}).get("model", MODEL))
         if kind == "original":
             result = {"targets": {}, "settings": spec["settings"]}
             for t in spec["targets"]:
@@ -422,6 +432,7 @@ def collect(out: Path, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, settin
         results[r["job"]] = r
     runs = json.loads((out / "runs.json").read_text()) if (out / "runs.json").exists() else []
     return {"format": FORMAT, "styles": list(styles), "objects": list(objects), "sequence": list(sequence),
+            "model": settings.get("model", MODEL),
             "protocol": settings["protocol"], "attack_prompts_per_target": settings["attack_prompts"],
             "attack_seeds": settings["attack_seeds"], "attack_ks": settings["attack_ks"], "runs": runs,
             "jobs": results}
@@ -430,9 +441,12 @@ def collect(out: Path, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, settin
 def settings_of(doc: dict) -> dict:
     """The settings a collected document was measured with (documents written before the attack's
     seeds and k were options ran seed 0 and k = 3)."""
-    return {"protocol": doc["protocol"], "attack_prompts": doc["attack_prompts_per_target"],
-            "attack_seeds": doc.get("attack_seeds", list(ATTACK_SEEDS)),
-            "attack_ks": doc.get("attack_ks", list(ATTACK_KS))}
+    out = {"protocol": doc["protocol"], "attack_prompts": doc["attack_prompts_per_target"],
+           "attack_seeds": doc.get("attack_seeds", list(ATTACK_SEEDS)),
+           "attack_ks": doc.get("attack_ks", list(ATTACK_KS))}
+    if doc.get("model", MODEL) != MODEL:
+        out["model"] = doc["model"]
+    return out
 
 
 def cell_settings(doc: dict, cell: dict) -> dict:
@@ -534,6 +548,30 @@ def _fmt_ci(v, ci) -> str:
 
 def render(doc: dict) -> str:
     """The benchmark page's tables (docs/benchmark.md, Markdown) from a collected document."""
+    if doc.get("model", MODEL) != MODEL:
+        return render_model_block(doc)
+    lines = main_table(doc)
+    seq = [(m, doc["jobs"].get(f"sequential/{m}")) for m in METHODS]
+    seq = [(m, s) for m, s in seq if s]
+    if seq:
+        lines += ["", "| method | UA after step 1 / 2 / 3 / 4 / 5 | IRA after step 1 / 2 / 3 / 4 / 5 | "
+                  "CRA after step 5 |", "|---|---|---|---|"]
+        for m, s in seq:
+            steps = s["steps"]
+            lines.append(f"| {m} | " + " / ".join(_step(x, "UA") for x in steps) + " % | "
+                         + " / ".join(_step(x, "IRA") for x in steps) + " % | "
+                         + f"{_fmt_ci(steps[-1]['CRA'], steps[-1].get('CRA_ci'))} |")
+        if not all(x.get("IRA_ci") for _, s in seq for x in s["steps"]):
+            lines += ["", "The sequential run recorded no per-caption counts, so its rates carry no interval; runs "
+                      "of this script record them (`UA_ci`, `IRA_ci`, `CRA_ci` per step)."]
+    lines += attack_lines(doc)
+    lines += claims_lines(doc)
+    lines += _ratio_lines(doc["jobs"])
+    return "\n".join(lines) + "\n"
+
+
+def main_table(doc: dict) -> list[str]:
+    """The summary table (one row per method, the original first) and its note on the intervals."""
     lines = ["| method | style UA | style IRA | style CRA | object UA | object IRA | object CRA | FID | CLIP "
              "| pre-ASR | ASR | attack evals | erase wall / CPU | peak RSS | Edit size |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -553,25 +591,25 @@ def render(doc: dict) -> str:
               f"style (or {len(doc['objects'])} object) targets, each target's images one cluster "
               f"({BOOTSTRAP['resamples']} resamples, seed {BOOTSTRAP['seed']}); where every target agrees (a rate of "
               "0 or 100 %) resampling has no spread, and the interval is Wilson's over the targets. pre-ASR / ASR: "
-              f"Wilson over the {n_prompts} attacked prompts of the 8 targets, counted as independent (prompts of "
+              f"Wilson over the {n_prompts} attacked prompts of the {len(doc['styles']) + len(doc['objects'])} targets, counted as independent (prompts of "
               "one target share it, so these intervals are if anything too narrow). Method: "
               "[statistics](statistics.md)."]
-    seq = [(m, doc["jobs"].get(f"sequential/{m}")) for m in METHODS]
-    seq = [(m, s) for m, s in seq if s]
-    if seq:
-        lines += ["", "| method | UA after step 1 / 2 / 3 / 4 / 5 | IRA after step 1 / 2 / 3 / 4 / 5 | "
-                  "CRA after step 5 |", "|---|---|---|---|"]
-        for m, s in seq:
-            steps = s["steps"]
-            lines.append(f"| {m} | " + " / ".join(_step(x, "UA") for x in steps) + " % | "
-                         + " / ".join(_step(x, "IRA") for x in steps) + " % | "
-                         + f"{_fmt_ci(steps[-1]['CRA'], steps[-1].get('CRA_ci'))} |")
-        if not all(x.get("IRA_ci") for _, s in seq for x in s["steps"]):
-            lines += ["", "The sequential run recorded no per-caption counts, so its rates carry no interval; runs "
-                      "of this script record them (`UA_ci`, `IRA_ci`, `CRA_ci` per step)."]
-    lines += attack_lines(doc)
-    lines += claims_lines(doc)
-    lines += _ratio_lines(doc["jobs"])
+    return lines
+
+
+def render_model_block(doc: dict) -> str:
+    """Another model's block of the page (canvas-mini-mmdit): the same table, on that model, and how it ran."""
+    orig = (doc["jobs"].get("original") or {}).get("protocol") or {}
+    sampling = orig.get("sampling") or {}
+    lines = main_table(doc)
+    runs = doc.get("runs") or []
+    lines += ["", f"Model: {doc['model']}; protocol {doc['protocol']}, sampled with {sampling.get('sampler', '-')} at "
+              f"{sampling.get('steps', '-')} steps and guidance {sampling.get('guidance', '-')}; the attack: "
+              f"UnlearnDiffAtk at k = {doc['attack_ks'][0]} on {doc['attack_prompts_per_target']} captions per "
+              "target at seed 0. Every method at its defaults on this model (the `canvas-mini-mmdit` provider, "
+              "recorded in each cell's `preset`)."
+              + (f" Wall time of the runs: {' + '.join(_seconds(r['wall_s']) for r in runs)} s on "
+                 f"{runs[-1]['workers']} workers x {runs[-1]['threads']} thread." if runs else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -852,17 +890,26 @@ def write_figures(doc: dict, folder: Path = FIGURES) -> list[Path]:
 
 
 def write_docs(doc: dict, page: Path = ROOT / "docs" / "benchmark.md", folder: Path = FIGURES) -> list[Path]:
-    """The benchmark page's table block and its figures from ``doc`` (the committed results)."""
+    """The benchmark page's table block and its figures from ``doc`` (the committed results); another
+    model's document fills that model's block (no figures)."""
+    begin, end = markers(doc)
     text = page.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{page} lacks the markers {BEGIN} / {END}")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    page.write_text(f"{head}{BEGIN}\n{render(doc)}{END}{tail}")
-    return [page, *write_figures(doc, folder)]
+    if begin not in text or end not in text:
+        raise SystemExit(f"{page} lacks the markers {begin} / {end}")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    page.write_text(f"{head}{begin}\n{render(doc)}{end}{tail}")
+    return [page] if doc.get("model", MODEL) != MODEL else [page, *write_figures(doc, folder)]
 
 
 BEGIN, END = "<!-- bench_table:begin -->", "<!-- bench_table:end -->"
+MODEL_RESULTS = {"canvas-mini-mmdit": ROOT / "benchmarks" / "tables" / "cpu-mmdit.json"}   # other models' blocks
+
+
+def markers(doc: dict) -> tuple[str, str]:
+    """The page's markers around ``doc``'s block: the main table's, or ``bench_table:<model>:...``."""
+    model = doc.get("model", MODEL)
+    return (BEGIN, END) if model == MODEL else (f"<!-- bench_table:{model}:begin -->", f"<!-- bench_table:{model}:end -->")
 
 
 def _ratio_lines(jobs_: dict) -> list[str]:
@@ -897,6 +944,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "table",
                     help="results folder (jobs/, edits/, checkpoints/, cache/, table.json, table.md)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--model", default=MODEL, help="the model every job runs on: canvas-mini (the main table) or "
+                    "canvas-mini-mmdit (the SD 3-architecture block; give it its own --out)")
     ap.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=ATTACKS,
                     help="attacks run on every cell's Edit besides UnlearnDiffAtk (the attack matrix; default all of them; "
                          "--attacks alone: none)")
@@ -914,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", action="store_true", help="only redraw the benchmark page's table and docs/figures/ "
                     "from the committed results (benchmarks/tables/cpu.json, or --results)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "tables" / "cpu.json",
-                    help="the collected results --docs draws from")
+                    help="the collected results --docs draws from (default: cpu.json and every other model's "
+                         "committed results, e.g. cpu-mmdit.json)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="lite",
                     help="what a run measures: lite (the committed table: canvas-lite, 5 captions x seed 0 per "
                          "target, k = 3) or canvas (5 seeds, 10 captions x seed 0, k = 3 and 5)")
@@ -927,11 +977,15 @@ def main(argv: list[str] | None = None) -> int:
     given = {"protocol": a.protocol, "attack_prompts": a.attack_prompts, "attack_seeds": a.attack_seeds,
              "attack_ks": a.attack_ks}
     settings = {**PRESETS[a.preset], **{k: v for k, v in given.items() if v is not None}}
+    if a.model != MODEL:
+        settings["model"] = a.model
     if not 1 <= settings["attack_prompts"] <= 10:
         ap.error("--attack-prompts must be in 1..10 (canvas-mini has 10 captions per target), "
                  f"not {settings['attack_prompts']}")
     if a.docs:
-        written = write_docs(json.loads(a.results.read_text()))
+        given = a.results != ap.get_default("results")
+        results = [a.results] + ([] if given else [p for p in MODEL_RESULTS.values() if p.exists()])
+        written = [p for r in results for p in write_docs(json.loads(r.read_text()))]
         print("\n".join(f"-> {p}" for p in written))
         return 0
     a.out.mkdir(parents=True, exist_ok=True)
@@ -941,7 +995,7 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.time()
         plan = jobs(a.methods, a.styles, a.objects, a.sequence, {"iterations": a.sfd_stage1_iterations},
-                    {"iterations": a.sfd_iterations}, settings, a.attacks)
+                    {"iterations": a.sfd_iterations}, settings, a.attacks, ratios=a.model == MODEL)
         failed = run_all(a.out, plan, a.workers, a.threads)
         runs_path = a.out / "runs.json"
         runs = json.loads(runs_path.read_text()) if runs_path.exists() else []

@@ -43,7 +43,7 @@ KINDS = ("style", "object", "nudity", "other")
 
 MARKER = "erasekit_world"   # key of the text encoder's config that names the model's world
 # World name -> module whose ``PROVIDER`` serves it (imported on first use).
-WORLDS = {"canvas-mini": "erasekit.canvas.presets"}
+WORLDS = {"canvas-mini": "erasekit.canvas.presets", "canvas-mini-mmdit": "erasekit.canvas.mmdit_presets"}
 # Words that make the paper provider guess ``nudity`` (whole words, case-insensitive).
 _NUDITY = re.compile(r"\b(nud(e|es|ity)|naked|nsfw|porn\w*|sexual\w*|explicit|topless)\b", re.IGNORECASE)
 

@@ -187,3 +187,27 @@ def test_an_attack_that_refuses_a_methods_edits_is_named_and_left_out_of_the_str
     lines = bench.attack_lines(doc)
     assert "refuses this Edit" in [x for x in lines if x.startswith("| uce |")][0]
     assert 'P4D-K on uce: "p4d matches noise predictions of a denoiser"' in lines[-1]
+
+
+def test_another_models_results_fill_their_own_block_of_the_page(bench, tmp_path):
+    """``--model canvas-mini-mmdit`` results render as that model's block (its markers, its sampler, no
+    figures); writing them leaves the main table's block as it was."""
+    doc = _synthetic_doc(bench, uce_hits=2, p4d_hits=0)
+    doc.update(model="canvas-mini-mmdit", protocol="canvas-lite", attack_prompts_per_target=5, attack_ks=[3],
+               runs=[{"wall_s": 100.0, "workers": 2, "threads": 1}])
+    doc["jobs"] = {k: v for k, v in doc["jobs"].items() if k.startswith("cell/")}
+    doc["jobs"]["original"] = {"targets": {}, "protocol": {"sampling": {"sampler": "flow_euler", "steps": 25,
+                                                                        "guidance": 7.5}}}
+    block = bench.render(doc)
+    assert block.startswith("| method | style UA") and "| uce | 100.0 % [" in block
+    assert "Model: canvas-mini-mmdit; protocol canvas-lite, sampled with flow_euler at 25 steps" in block
+    assert "40.0 % [" in block   # UnlearnDiffAtk: 2 of 5 prompts at every target
+    assert bench.settings_of(doc)["model"] == "canvas-mini-mmdit"
+    begin, end = bench.markers(doc)
+    assert (begin, end) != (bench.BEGIN, bench.END) and "canvas-mini-mmdit" in begin
+    page = tmp_path / "benchmark.md"
+    page.write_text(f"head\n{bench.BEGIN}\nmain table\n{bench.END}\nmiddle\n{begin}\nold\n{end}\ntail\n")
+    assert bench.write_docs(doc, page, tmp_path / "figures") == [page]
+    text = page.read_text()
+    assert f"{bench.BEGIN}\nmain table\n{bench.END}" in text and "old" not in text
+    assert text.split(begin)[1].split(end)[0].strip() == block.strip() and not (tmp_path / "figures").exists()

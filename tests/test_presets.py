@@ -275,3 +275,24 @@ def test_cli_prints_the_kind_and_preset_and_refuses_unknown_concepts(tiny_sd1, t
     err = capsys.readouterr().err
     assert "canvas-mini does not know the concept 'Picasso'" in err and "allow_unknown_concept" in err
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_canvas_mini_mmdit_serves_the_canvas_world_with_mmdit_parameter_sets(clip_tokenizer_dir):
+    """A model that declares ``canvas-mini-mmdit`` gets the canvas world (captions, pairs) under its own name,
+    and SalUn / FMN train the MMDiT's text-side projections where canvas-mini's UNet trains ``xattn``."""
+    from conftest import build_tiny_mmdit
+
+    from erasekit.canvas.presets import PROVIDER as CANVAS
+    from erasekit.erase import salun
+    from erasekit.presets import concept_context
+
+    pipe = build_tiny_mmdit("sd3", clip_tokenizer_dir)
+    setattr(pipe.text_encoder.config, MARKER, "canvas-mini-mmdit")
+    provider = provider_for(pipe)
+    assert provider.name == "canvas-mini-mmdit" and provider is not CANVAS
+    ctx = concept_context(pipe, ["Van_Gogh"])
+    assert ctx.prompts("Van_Gogh")[0] == "A Architectures image in Van Gogh style."
+    plan = salun.make_plan(["Van_Gogh"], salun.SalUnConfig(), ctx)
+    assert plan.preset == "canvas" and plan.values["param_set"] == "esd-x"
+    assert CANVAS.salun_plan(ctx, None, None)["values"]["param_set"] == "xattn"   # the UNet's own set
+    assert provider.fmn_preset(ctx, None)[1]["param_set"] == "esd-x"

@@ -48,6 +48,7 @@ from .data import load_or_build
 
 LOGIT_MEAN, LOGIT_STD = 0.0, 1.0     # SD 3's logit-normal noise-level density
 WARMUP = 200
+WORLD = "canvas-mini-mmdit"   # erasekit_world of its text encoder: selects its preset provider
 TARGET = 0.95    # judge-recognised share of generations, style and object, that the shipped model must reach
 
 
@@ -99,9 +100,8 @@ def text_encoders():
     mini = asset_path("canvas-mini")
     base = CLIPTextModel.from_pretrained(mini / "text_encoder")
     cfg = base.config
-    if hasattr(cfg, "erasekit_world"):
-        # canvas-mini's measured presets are the UNet's: this model is another one, so it declares none
-        del cfg.erasekit_world
+    # the model's own world name (erasekit.canvas.mmdit_presets: canvas-mini's world, under this model's name)
+    cfg.erasekit_world = WORLD
     te = CLIPTextModelWithProjection(cfg)
     te.text_model.load_state_dict(base.state_dict())
     with torch.no_grad():
