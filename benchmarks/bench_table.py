@@ -26,6 +26,10 @@ soon as it finishes; a rerun skips finished jobs, and long erasures resume from 
   (:data:`ATTACKS`, budgets in :data:`ATTACK_BUDGETS`) on the cell's Edit (loaded from ``OUT/edits/``,
   or made again the same way when the cell ran in another folder), on the same prompts and seeds as
   the cell's UnlearnDiffAtk.
+- ``prefix/<method>/<target>`` (``--prefix-ks 3 5``; none by default): UnlearnDiffAtk again on the cell's
+  Edit, on the same prompts and seeds, at each prefix length k given, keeping every prompt's outcome: the
+  ASR-vs-k figure and the RECE / UCE claim at each k, from a lite run (the canvas preset gets them in its
+  cells). Its first k being the cell's, it also checks that the attack reproduces the cell's ASR.
 - ``sequential/<method>``: the 5 styles of ``SEQUENCE`` erased one after another
   (:func:`erasekit.workflows.sequential`), scored after each step.
 - ``ratio/closed_form`` (UCE / RECE edit time on the SD 1.4 architecture, random weights) and
@@ -100,13 +104,14 @@ COST = {"uce": 90, "rece": 110, "esd": 250, "salun": 190, "advunlearn": 320, "sf
 
 # -- jobs -------------------------------------------------------------------------------------------
 def jobs(methods, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, sfd_stage1=None, sfd=None,
-         settings: dict | None = None, attacks=(), ratios: bool = True) -> dict[str, dict]:
+         settings: dict | None = None, attacks=(), ratios: bool = True, prefix_ks=()) -> dict[str, dict]:
     """Every job of the benchmark: name -> {kind, needs (jobs that must finish first), cost, settings, ...}.
 
     ``settings``: protocol and attack sizes (a :data:`PRESETS` entry; default ``lite``), carried by
     every job that evaluates or attacks and recorded in its result. ``attacks``: the attacks run on
     every cell's Edit besides UnlearnDiffAtk (some of :data:`ATTACKS`; none by default). ``ratios``: the
-    cost-ratio scripts (SD 1.4 / canvas-mini UNet figures; left out of another model's run)."""
+    cost-ratio scripts (SD 1.4 / canvas-mini UNet figures; left out of another model's run). ``prefix_ks``:
+    the prefix lengths of the ``prefix/`` jobs (none: no such jobs)."""
     sfd_stage1, sfd = {**SFD_STAGE1, **(sfd_stage1 or {})}, {**SFD_OPTIONS, **(sfd or {})}
     settings = {**PRESETS["lite"], **(settings or {})}
     out = {"original": {"kind": "original", "targets": [*styles, *objects], "needs": [], "cost": 60,
@@ -124,6 +129,10 @@ def jobs(methods, styles=STYLES, objects=OBJECTS, sequence=SEQUENCE, sfd_stage1=
                                            "settings": settings, "attacks": list(attacks),
                                            "budgets": {a: ATTACK_BUDGETS.get(a, {}) for a in attacks},
                                            **extra, "needs": [*extra["needs"], f"cell/{m}/{t}"]}
+            if prefix_ks:
+                out[f"prefix/{m}/{t}"] = {"kind": "prefix", "method": m, "target": t, "cost": 40 * len(prefix_ks),
+                                          "settings": settings, "ks": list(prefix_ks),
+                                          **extra, "needs": [*extra["needs"], f"cell/{m}/{t}"]}
         if sequence:
             out[f"sequential/{m}"] = {"kind": "sequential", "method": m, "sequence": list(sequence),
                                       "cost": len(sequence) * COST[m], "settings": settings, **extra}
@@ -270,13 +279,17 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
                       "settings": spec["settings"],
                       "preset": edit.manifest.get("preset") or edit.manifest.get("resolved"),
                       "edit_config": edit.manifest.get("config")}
+        elif kind == "prefix":
+            m, t = spec["method"], spec["target"]
+            edit, remade = _cell_edit(pipe, out, m, t, spec.get("budget"))
+            row = _attack_row(pipe, judge, t, edit, settings={**spec["settings"], "attack_ks": spec["ks"]})
+            runs = row.get("attacks_by_k") or {str(spec["ks"][0]): row}
+            result = {"method": m, "target": t, "settings": spec["settings"], "ks": spec["ks"], "edit_remade": remade,
+                      "attack_prompts": row["attack_prompts"], "attack_seeds": row["attack_seeds"],
+                      "attacks_by_k": {k: {x: r[x] for x in _ATTACK_KEYS} for k, r in runs.items()}}
         elif kind == "attacks":
             m, t = spec["method"], spec["target"]
-            cell = f"cell/{m}/{t}"
-            options = method_options(m, out, cell, spec.get("budget"))
-            path = out / "edits" / f"{m}__{t}.safetensors"
-            remade = not path.exists()   # the cell ran in another folder: the same erasure, made again
-            edit, _ = _erase(pipe, m, [t], options, path)
+            edit, remade = _cell_edit(pipe, out, m, t, spec.get("budget"))
             result = {"method": m, "target": t, "settings": spec["settings"], "budgets": spec["budgets"],
                       "edit_remade": remade, "attacks": {}}
             for a in spec["attacks"]:
@@ -285,9 +298,7 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
                     result["attacks"][a] = {"refused": refusal}
                     continue
                 row = _attack_row(pipe, judge, t, edit, a, spec["settings"], spec["budgets"].get(a))
-                result["attacks"][a] = {k: row[k] for k in ("pre_ASR", "ASR", "attack_config", "attack_unet_evals_mean",
-                                                            "attack_unet_equiv_mean", "attack_wall_s",
-                                                            "attack_outcomes")}
+                result["attacks"][a] = {k: row[k] for k in _ATTACK_KEYS}
             result["attack_prompts"], result["attack_seeds"] = row["attack_prompts"], row["attack_seeds"]
         elif kind == "sequential":
             from erasekit.workflows import sequential
@@ -306,6 +317,20 @@ def run_job(name: str, spec: dict, out: Path, cache: Path) -> dict:
             raise ValueError(f"unknown job kind {kind!r}")
     result.update(job=name, wall_s=round(time.perf_counter() - t0, 2), cpu_s=round(time.process_time() - cpu0, 2))
     return result
+
+
+_ATTACK_KEYS = ("pre_ASR", "ASR", "attack_config", "attack_unet_evals_mean", "attack_unet_equiv_mean", "attack_wall_s",
+                "attack_outcomes")
+
+
+def _cell_edit(pipe, out: Path, method: str, target: str, budget: dict | None):
+    """(the cell's Edit, whether it was made again): loaded from ``OUT/edits/``, or, when the cell ran in
+    another folder, the same erasure made again (and saved)."""
+    options = method_options(method, out, f"cell/{method}/{target}", budget)
+    path = out / "edits" / f"{method}__{target}.safetensors"
+    remade = not path.exists()
+    edit, _ = _erase(pipe, method, [target], options, path)
+    return edit, remade
 
 
 def _refusal(attack: str, edit, options: dict | None) -> str | None:
@@ -381,8 +406,8 @@ def _finished(out: Path, name: str, spec: dict) -> bool:
     if spec["kind"] == "sfd_stage1" and not (out / "edits" / "sfd__stage1.safetensors").exists():
         return False   # its generator is what the SFD jobs start from: made again in a folder that lacks it
     done = json.loads(path.read_text())
-    return all(done.get(k, PRESETS["lite"] if k == "settings" else None) == spec[k] for k in ("settings", "budgets")
-               if k in spec)
+    return all(done.get(k, PRESETS["lite"] if k == "settings" else None) == spec[k]
+               for k in ("settings", "budgets", "ks") if k in spec)
 
 
 def run_all(out: Path, plan: dict, workers: int, threads: int) -> list[str]:
@@ -566,6 +591,11 @@ def render(doc: dict) -> str:
                       "of this script record them (`UA_ci`, `IRA_ci`, `CRA_ci` per step)."]
     lines += attack_lines(doc)
     lines += claims_lines(doc)
+    same, total = prefix_check(doc)
+    if total:
+        lines += ["", f"UnlearnDiffAtk at k = {', '.join(map(str, doc_ks(doc)))} on the Edits of {total} cells "
+                  "(`prefix/` jobs, the same prompts and seeds; the ASR-vs-k figure and the claims per k): run again at "
+                  f"the cell's own k it gets the cell's ASR on {same} of {total} cells."]
     lines += _ratio_lines(doc["jobs"])
     return "\n".join(lines) + "\n"
 
@@ -734,6 +764,44 @@ def _paired_cells(doc, a: str, b: str, key, ratio: float = 1.0, margin: float = 
     return paired_test([v / 100 for v in va], [v / 100 for v in vb], ratio=ratio, margin=margin, **BOOTSTRAP)
 
 
+def by_k(doc: dict, cell: dict) -> dict:
+    """A cell's UnlearnDiffAtk runs by prefix length k (str): its own (canvas preset), else its prefix job's."""
+    job = doc["jobs"].get(f"prefix/{cell.get('method')}/{cell.get('target')}")
+    return cell.get("attacks_by_k") or (job or {}).get("attacks_by_k") or {}
+
+
+def doc_ks(doc: dict) -> list[int]:
+    """The prefix lengths a document has for every cell: its settings' ks, or its prefix jobs'."""
+    ks = list(doc.get("attack_ks", ATTACK_KS))
+    if len(ks) > 1:
+        return ks
+    prefix = [j["ks"] for n, j in doc["jobs"].items() if n.startswith("prefix/")]
+    return sorted(set(ks) | set(prefix[0])) if prefix and all(p == prefix[0] for p in prefix) else ks
+
+
+def _outcomes(doc: dict, cell: dict) -> list | None:
+    """A cell's per-prompt UnlearnDiffAtk outcomes at its k: its own, else its prefix job's run at that k."""
+    if cell.get("attack_outcomes"):
+        return cell["attack_outcomes"]
+    k = str(cell_settings(doc, cell)["attack_ks"][0])
+    return (by_k(doc, cell).get(k) or {}).get("attack_outcomes")
+
+
+def prefix_check(doc: dict) -> tuple[int, int]:
+    """(agreeing, compared): cells whose prefix job, at the cell's k, got the cell's ASR (the same attack run
+    again on the same Edit, prompts and seeds)."""
+    same = total = 0
+    for n, job in doc["jobs"].items():
+        cell = doc["jobs"].get("cell/" + n.split("/", 1)[1]) if n.startswith("prefix/") else None
+        if cell is None:
+            continue
+        again = job["attacks_by_k"].get(str(cell_settings(doc, cell)["attack_ks"][0]))
+        if again is not None:
+            total += 1
+            same += abs(again["ASR"] - cell["ASR"]) < 1e-9
+    return same, total
+
+
 def _matched_outcomes(doc, a: str, b: str, k: str | None = None):
     """Per-prompt success of two methods on the same prompts and seeds, when both runs recorded them."""
     out = []
@@ -743,10 +811,10 @@ def _matched_outcomes(doc, a: str, b: str, k: str | None = None):
             return None
         rows = []
         for c in cells:
-            src = c.get("attacks_by_k", {}).get(k, c) if k else c
-            if not src.get("attack_outcomes"):
+            outs = (by_k(doc, c).get(k) or {}).get("attack_outcomes") if k else _outcomes(doc, c)
+            if not outs:
                 return None
-            rows += [o[0] for o in src["attack_outcomes"]]
+            rows += [o[0] for o in outs]
         out.append(rows)
     return out if len(out[0]) == len(out[1]) else None
 
@@ -797,7 +865,7 @@ def claims(doc: dict) -> list[dict]:
             post, pre = paired_outcomes(n, k_pre, k_post - k_pre, 0)
         add(f"{m}: erased models fall to UnlearnDiffAtk (ASR > pre-ASR)",
             [("ASR - pre-ASR, same prompts", mcnemar(post, pre, **BOOTSTRAP), "greater")])
-    ks = [str(k) for k in doc.get("attack_ks", ATTACK_KS)]
+    ks = [str(k) for k in doc_ks(doc)]
     add("RECE is more robust than UCE (lower ASR)" + (f", k = {ks[0]}" if len(ks) > 1 else ""),
         [("ASR RECE - ASR UCE", _asr_claim(doc, "rece", "uce"), "less")])
     for k in ks[1:]:
@@ -862,22 +930,24 @@ def figure_data(doc: dict) -> dict[str, tuple[str, dict]]:
         figs["sequential.svg"] = ("sequential_figure", {"series": {m: [
             {k: s.get(k) for k in ("step", "UA", "IRA", "CRA", "UA_ci", "IRA_ci") if s.get(k) is not None}
             for s in steps] for m, steps in seq.items()}, "title": "Van_Gogh, Pop_Art, Ukiyoe, Cubism, Watercolor"})
-    curves, by_k = {}, {}
-    for name, styles, objects in groups[1:]:
+    curves, k_series = {}, {}
+    for name, styles, objects in groups:
+        if name == "original":
+            continue
         cells = styles + objects
-        if all(c.get("attack_outcomes") for c in cells):
-            outs = [o for c in cells for o in c["attack_outcomes"]]
+        if all(_outcomes(doc, c) for c in cells):
+            outs = [o for c in cells for o in _outcomes(doc, c)]
             curves[name] = asr_curve([o[0] for o in outs], [o[2] for o in outs], **BOOTSTRAP)
-        ks = doc.get("attack_ks", ATTACK_KS)
-        if len(ks) > 1 and all(c.get("attacks_by_k") for c in cells):
-            by_k[name] = []
+        ks = doc_ks(doc)
+        if len(ks) > 1 and all(str(k) in by_k(doc, c) for c in cells for k in ks):
+            k_series[name] = []
             for k in ks:
-                outs = [o[0] for c in cells for o in c["attacks_by_k"][str(k)]["attack_outcomes"]]
-                by_k[name].append({"k": k, "asr": wilson(sum(outs), len(outs)).to_dict()})
+                outs = [o[0] for c in cells for o in by_k(doc, c)[str(k)]["attack_outcomes"]]
+                k_series[name].append({"k": k, "asr": wilson(sum(outs), len(outs)).to_dict()})
     if curves:
         figs["asr_budget.svg"] = ("budget_figure", {"curves": curves, "title": "UnlearnDiffAtk, all targets"})
-    if by_k:
-        figs["asr_k.svg"] = ("k_figure", {"series": by_k, "title": "UnlearnDiffAtk, all targets"})
+    if k_series:
+        figs["asr_k.svg"] = ("k_figure", {"series": k_series, "title": "UnlearnDiffAtk, all targets"})
     return figs
 
 
@@ -949,6 +1019,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=ATTACKS,
                     help="attacks run on every cell's Edit besides UnlearnDiffAtk (the attack matrix; default all of them; "
                          "--attacks alone: none)")
+    ap.add_argument("--prefix-ks", type=int, nargs="*", default=[],
+                    help="prefix lengths of the prefix/ jobs: UnlearnDiffAtk on every cell's Edit at each k, per-prompt "
+                         "outcomes kept (the ASR-vs-k figure; e.g. --prefix-ks 3 5; default none)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes (one job each at a time)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--styles", nargs="*", default=list(STYLES), help="style targets (the benchmark page's table: the default)")
@@ -995,7 +1068,8 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.time()
         plan = jobs(a.methods, a.styles, a.objects, a.sequence, {"iterations": a.sfd_stage1_iterations},
-                    {"iterations": a.sfd_iterations}, settings, a.attacks, ratios=a.model == MODEL)
+                    {"iterations": a.sfd_iterations}, settings, a.attacks, ratios=a.model == MODEL,
+                    prefix_ks=a.prefix_ks)
         failed = run_all(a.out, plan, a.workers, a.threads)
         runs_path = a.out / "runs.json"
         runs = json.loads(runs_path.read_text()) if runs_path.exists() else []

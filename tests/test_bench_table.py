@@ -211,3 +211,35 @@ def test_another_models_results_fill_their_own_block_of_the_page(bench, tmp_path
     text = page.read_text()
     assert f"{bench.BEGIN}\nmain table\n{bench.END}" in text and "old" not in text
     assert text.split(begin)[1].split(end)[0].strip() == block.strip() and not (tmp_path / "figures").exists()
+
+
+def test_prefix_jobs_give_the_asr_vs_k_figure_and_the_claim_at_each_k(bench):
+    """Cells from a lite run (one k, no per-prompt outcomes) plus ``prefix/`` jobs at k = 3 and 5: the figure
+    and the RECE / UCE claim per k come from the prefix jobs, the budget curve from their run at the cell's k,
+    and the page counts how many reruns at the cell's k got the cell's ASR."""
+    def outcomes(hits):
+        return [[int(i < hits), 0, 100 * (i + 1) if i < hits else None] for i in range(5)]
+
+    jobs = {}
+    for m, hits in (("uce", {3: 1, 5: 4}), ("rece", {3: 3, 5: 0})):
+        for t in bench.STYLES + bench.OBJECTS:
+            jobs[f"cell/{m}/{t}"] = {"method": m, "target": t, "UA": 100.0, "IRA": 99.0, "CRA": 99.0, "pre_ASR": 0.0,
+                                     "ASR": 20.0 * hits[3], "attack_config": {"k": 3},
+                                     "attack_prompts": bench.attack_prompts(t, 5), "attack_seeds": [0]}
+            jobs[f"prefix/{m}/{t}"] = {"method": m, "target": t, "ks": [3, 5], "attacks_by_k": {
+                str(k): {"ASR": 20.0 * h, "pre_ASR": 0.0, "attack_outcomes": outcomes(h)} for k, h in hits.items()}}
+    jobs["prefix/uce/Fishes"]["attacks_by_k"]["3"]["ASR"] = 40.0   # one rerun disagrees with its cell
+    doc = {"styles": list(bench.STYLES), "objects": list(bench.OBJECTS), "jobs": jobs, "attack_ks": [3],
+           "protocol": "canvas-lite", "attack_prompts_per_target": 5}
+    assert bench.doc_ks(doc) == [3, 5]
+    figs = bench.figure_data(doc)
+    series = figs["asr_k.svg"][1]["series"]
+    assert [p["asr"]["value"] for p in series["uce"]] == [20.0, 80.0]
+    assert [p["asr"]["value"] for p in series["rece"]] == [60.0, 0.0]
+    assert set(figs["asr_budget.svg"][1]["curves"]) == {"uce", "rece"}
+    by_claim = {c["claim"]: c for c in bench.claims(doc)}
+    at3 = by_claim["RECE is more robust than UCE (lower ASR), k = 3"]
+    at5 = by_claim["RECE is more robust than UCE (lower ASR), k = 5"]
+    assert "McNemar" in at3["parts"][0]["method"] and at3["verdict"] == "does not hold"
+    assert at5["verdict"] == "holds"
+    assert bench.prefix_check(doc) == (15, 16)
