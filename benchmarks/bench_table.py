@@ -1014,8 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "table",
                     help="results folder (jobs/, edits/, checkpoints/, cache/, table.json, table.md)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--model", default=MODEL, help="the model every job runs on: canvas-mini (the main table) or "
-                    "canvas-mini-mmdit (the SD 3-architecture block; give it its own --out)")
+    ap.add_argument("--model", default=MODEL, help="the model every job runs on, a built-in name or a diffusers folder: canvas-mini (the "
+                    "main table) or canvas-mini-mmdit (the SD 3-architecture block; give it its own --out)")
     ap.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=ATTACKS,
                     help="attacks run on every cell's Edit besides UnlearnDiffAtk (the attack matrix; default all of them; "
                          "--attacks alone: none)")
