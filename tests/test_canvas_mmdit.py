@@ -119,3 +119,32 @@ def test_export_loads_as_sd3_and_generates(data_dir, tmp_path):
     assert [im.size for im in images] == [(32, 32)] * 2
     again = generate(pipe, "A Cats image in Mosaic style.", 0, sampling, check=False)
     assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
+
+
+def test_collapsed_t5_rows_give_the_same_outputs_and_gradients():
+    """Training computes the 256 identical T5 zero rows once (RepeatedLastRowAttention); the transformer must
+    give what it gives on all rows, outputs and gradients, and the collapse must keep distinct rows."""
+    from diffusers import SD3Transformer2DModel
+
+    from erasekit.canvas.train_mmdit import RepeatedLastRowAttention, collapse_repeated_rows
+
+    torch.manual_seed(0)
+    cfg = dict(TINY, num_layers=2)
+    full = SD3Transformer2DModel(**cfg)
+    cut = SD3Transformer2DModel(**cfg)
+    cut.load_state_dict(full.state_dict())
+    rows = torch.cat([torch.randn(3, 5, cfg["joint_attention_dim"]), torch.zeros(3, 40, cfg["joint_attention_dim"])], 1)
+    empty = torch.cat([torch.randn(5, cfg["joint_attention_dim"]), torch.zeros(40, cfg["joint_attention_dim"])])
+    copies, (short, short_empty) = collapse_repeated_rows(rows, empty)
+    assert copies == 40 and short.shape[1] == 6 and short_empty.shape[0] == 6
+    assert collapse_repeated_rows(torch.randn(3, 7, 4))[0] == 1        # distinct rows are all kept
+    cut.set_attn_processor(RepeatedLastRowAttention(copies))
+    x = torch.randn(3, 4, C.LATENT_SIZE, C.LATENT_SIZE)
+    pooled, t = torch.randn(3, cfg["pooled_projection_dim"]), torch.tensor([100.0, 500.0, 900.0])
+    a = full(hidden_states=x, encoder_hidden_states=rows, pooled_projections=pooled, timestep=t).sample
+    b = cut(hidden_states=x, encoder_hidden_states=short, pooled_projections=pooled, timestep=t).sample
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    (a ** 2).mean().backward()
+    (b ** 2).mean().backward()
+    for (name, p), q in zip(full.named_parameters(), cut.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-3, msg=name)

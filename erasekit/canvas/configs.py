@@ -53,8 +53,8 @@ MMDIT_POOLED_DIM = TEXT_DIM + 64
 
 MMDIT_TRANSFORMER = dict(
     sample_size=LATENT_SIZE, patch_size=2, in_channels=4, out_channels=4,
-    num_layers=4, attention_head_dim=32, num_attention_heads=3,
-    joint_attention_dim=MMDIT_TEXT_DIM, caption_projection_dim=96, pooled_projection_dim=MMDIT_POOLED_DIM,
+    num_layers=6, attention_head_dim=32, num_attention_heads=4,
+    joint_attention_dim=MMDIT_TEXT_DIM, caption_projection_dim=128, pooled_projection_dim=MMDIT_POOLED_DIM,
     # The stored position table covers the 8 x 8 patch grid only (SD 3's 96 x 96 table would be 3.5 MB).
     pos_embed_max_size=LATENT_SIZE // 2,
 )

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
@@ -173,6 +174,57 @@ def caption_rows(pipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
     return embeds.view(n, len(PARAPHRASES), *embeds.shape[1:]), pooled.view(n, len(PARAPHRASES), -1), e0[0], p0[0]
 
 
+# -- training on the repeated T5 rows once ---------------------------------------------------------------
+def collapse_repeated_rows(rows: torch.Tensor, *more: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+    """Cut the run of identical trailing prompt rows (a T5-less SD 3 pipeline's 256 zero T5 rows) down to one
+    row. Returns ``(copies, [rows, *more] cut)``; ``copies`` is how many rows the kept last row stands for
+    (1 when the trailing rows differ). Equality is exact: the rows are the pipeline's own zeros."""
+    n = rows.shape[-2]
+    copies = 1
+    while copies < n and all(torch.equal(t[..., n - copies - 1, :], t[..., -1, :]) for t in (rows, *more)):
+        copies += 1
+    return copies, [t[..., : n - copies + 1, :] for t in (rows, *more)]
+
+
+class RepeatedLastRowAttention:
+    """SD 3's joint attention for a text stream whose last row stands for ``copies`` identical rows.
+
+    Identical text rows stay identical through every joint block (the text stream has no position
+    embedding, and each block maps rows one by one except in the attention), and ``copies`` identical keys
+    with equal values weigh in every softmax as one key whose logit is raised by ``log(copies)``. So the
+    transformer on the collapsed rows with this bias computes exactly what it computes on all rows: the
+    same outputs and gradients (``tests/test_canvas_mmdit_recipe.py`` checks the equality), here at about
+    a third of the sequence (64 image + 77 CLIP + 1 instead of 64 + 77 + 256 rows). Training only: the
+    exported pipeline samples with diffusers' own processor on all rows."""
+
+    def __init__(self, copies: int):
+        self.log_copies = math.log(copies)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        b, n_img = hidden_states.shape[:2]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
+        bias[..., -1] = self.log_copies
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        img, txt = out[:, :n_img], out[:, n_img:]
+        img = attn.to_out[1](attn.to_out[0](img))
+        if not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        return img, txt
+
+
 # -- checkpoints -----------------------------------------------------------------------------------------
 def _save(path: Path, step: int, transformer, ema, opt, gen: torch.Generator, shift: float) -> None:
     tensors = {f"transformer.{k}": v for k, v in transformer.state_dict().items()}
@@ -226,6 +278,9 @@ def train(run: Path, steps: int = 6000, batch: int = 64, lr: float = 3e-4, seed:
     transformer = SD3Transformer2DModel(**(transformer_config or C.MMDIT_TRANSFORMER))
     pipe = build_pipeline(transformer, shift, vae=vae)
     rows, pooled, empty_rows, empty_pooled = caption_rows(pipe)
+    copies, (rows, empty_rows) = collapse_repeated_rows(rows, empty_rows)
+    if copies > 1:   # the T5 zero rows, computed once (exactly: RepeatedLastRowAttention)
+        transformer.set_attn_processor(RepeatedLastRowAttention(copies))
     flow = FlowModel(pipe)
     from .world import STYLES
 
