@@ -1,4 +1,5 @@
-"""The weights that ship inside the package (``erasekit/assets/``): canvas-mini, its judge, its CLIP.
+"""The weights that ship inside the package (``erasekit/assets/``): canvas-mini, its judge, its CLIP, and
+canvas-mini-mmdit (the same world on an SD 3 transformer).
 
 They are package data, so a built wheel carries them and an editable install reads them from the
 source tree; :func:`asset_path` finds them with :mod:`importlib.resources` wherever erasekit is
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from .errors import ModelLoadError
 
-ASSETS = ("canvas-mini", "canvas-judge", "canvas-clip")
+ASSETS = ("canvas-mini", "canvas-judge", "canvas-clip", "canvas-mini-mmdit")
 _EXTRACTED = ExitStack()  # folders unpacked from a zipped install, removed at exit
 atexit.register(_EXTRACTED.close)
 

@@ -29,7 +29,7 @@ def judge():
     return CanvasJudge.load()
 
 
-def _style_hits(pipe, judge, style: str, seeds=(0, 1)) -> int:
+def _style_hits(pipe, judge, style: str, seeds=(0,)) -> int:
     """How many of the style's captions (5 objects x ``seeds``) the judge sees in that style."""
     from erasekit.canvas.world import STYLES, caption
     from erasekit.pipelines import default_sampling, generate
@@ -49,15 +49,16 @@ def test_loads_as_sd3_with_its_own_provider(pipe):
 
 
 def test_uce_erases_a_style_and_keeps_another(pipe, judge):
-    """Van Gogh: 10 captions (5 objects x 2 seeds). Before: at least 8 drawn in the style; after UCE (the
-    provider's canvas-style preset): at most 2, while Pop Art's captions stay at least 8 of 10."""
+    """Van Gogh: 5 captions (5 objects, seed 0). Before: at least 4 drawn in the style; after UCE (the
+    provider's canvas-style preset): at most 1, while Pop Art's captions stay at least 4 of 5. (Measured
+    when the model shipped, at seeds 0 and 1 each: 5 of 5 before, 0 of 5 after, Pop Art 5 of 5.)"""
     import erasekit
 
     before = _style_hits(pipe, judge, "Van_Gogh")
-    assert before >= 8, f"canvas-mini-mmdit draws Van Gogh in only {before} of 10 captions"
+    assert before >= 4, f"canvas-mini-mmdit draws Van Gogh in only {before} of 5 captions"
     edit = erasekit.erase(pipe, "uce", ["Van_Gogh"])
     assert edit.manifest["preset"]["provider"] == "canvas-mini-mmdit"
     with edit.applied(pipe):
         erased, kept = _style_hits(pipe, judge, "Van_Gogh"), _style_hits(pipe, judge, "Pop_Art")
-    assert erased <= 2, f"UCE left Van Gogh in {erased} of 10 captions"
-    assert kept >= 8, f"UCE broke Pop Art: {kept} of 10 captions kept it"
+    assert erased <= 1, f"UCE left Van Gogh in {erased} of 5 captions"
+    assert kept >= 4, f"UCE broke Pop Art: {kept} of 5 captions kept it"

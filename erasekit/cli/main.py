@@ -63,7 +63,8 @@ def _model() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
-                   help="'canvas-mini' (built in, the default), a diffusers directory, or a hub id")
+                   help="'canvas-mini' (built in, the default), 'canvas-mini-mmdit' (built in, SD 3), a diffusers "
+                        "directory, or a hub id")
     g.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     return p

@@ -10,7 +10,7 @@ import torch
 from .._assets import asset_path
 from ..errors import ConfigError, ModelLoadError
 
-BUILTIN = ("canvas-mini",)  # shipped inside the package (erasekit/assets/)
+BUILTIN = ("canvas-mini", "canvas-mini-mmdit")  # shipped inside the package (erasekit/assets/)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -60,7 +60,8 @@ def load_pipeline(name_or_path: str | os.PathLike = "canvas-mini", dtype: str | 
     """Load a Stable Diffusion pipeline (SD 1.x, SD 2.x, SDXL, SD 3 / 3.5, Flux or ``canvas-mini``).
 
     Args:
-        name_or_path: ``"canvas-mini"`` (built in, offline), a local diffusers directory (with
+        name_or_path: ``"canvas-mini"`` or ``"canvas-mini-mmdit"`` (built in, offline; the second is an
+            SD 3 pipeline), a local diffusers directory (with
             ``model_index.json``), or a Hugging Face hub id such as ``"CompVis/stable-diffusion-v1-4"``.
         dtype: weights dtype (``float32``, ``float16``, ``bfloat16``).
         device: where to put the pipeline.
