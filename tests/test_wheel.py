@@ -61,7 +61,8 @@ def test_the_wheel_holds_every_shipped_asset_file(installed):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {p.relative_to(ROOT).as_posix() for p in ASSETS.rglob("*") if p.is_file()}
     assert {"erasekit/assets/canvas-mini/model_index.json", "erasekit/assets/canvas-judge/model.safetensors",
-            "erasekit/assets/canvas-clip/model.safetensors"} <= shipped
+            "erasekit/assets/canvas-clip/model.safetensors",
+            "erasekit/assets/canvas-mini-mmdit/transformer/diffusion_pytorch_model.safetensors"} <= shipped
     assert shipped <= names, f"missing from the wheel: {sorted(shipped - names)}"
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
@@ -95,7 +96,8 @@ def test_installed_cli_finds_its_assets_and_bench_says_it_needs_a_checkout(insta
     _, python, _, outside = installed
     erasekit_cli = python.parent / "erasekit"
     env = json.loads(_run([erasekit_cli, "env", "--json"], cwd=outside).stdout)
-    assert env["assets"] == {"canvas-mini": True, "canvas-judge": True, "canvas-clip": True}
+    assert env["assets"] == {"canvas-mini": True, "canvas-judge": True, "canvas-clip": True,
+                             "canvas-mini-mmdit": True}
     bench = _run([erasekit_cli, "bench", "--list"], cwd=outside, check=False)
     assert bench.returncode == 2, bench.stdout + bench.stderr
     assert "source checkout" in bench.stderr and "pip install -e ." in bench.stderr
