@@ -554,7 +554,9 @@ def _summary(name: str, styles: list[dict], objects: list[dict]) -> dict:
     for kind, cells in (("style", styles), ("object", objects)):
         for k in ("UA", "IRA", "CRA"):
             row[f"{kind}_{k}"] = _mean([c.get(k) for c in cells])
-            row[f"{kind}_{k}_ci"] = _targets_interval([c.get(k) for c in cells])
+            # one target: its own interval over its captions (the cell's); several: over the targets
+            own = cells[0].get(f"{k}_ci") if len(cells) == 1 else None
+            row[f"{kind}_{k}_ci"] = own or _targets_interval([c.get(k) for c in cells])
     for k in ("fid", "clip_retained", "pre_ASR", "ASR", "attack_unet_evals_mean", "erase_wall_s", "erase_cpu_s",
               "peak_memory_bytes", "edit_bytes"):
         row[k] = _mean([c.get(k) for c in both])
@@ -617,10 +619,16 @@ def main_table(doc: dict) -> list[str]:
             "-" if orig else _fmt(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**30, 2, " GiB"),
             "-" if orig else _size(r["edit_bytes"])]) + " |")
     n_prompts = max((r["ASR_ci"] or {}).get("n", 0) for r in rows) if rows else 0
-    lines += ["", f"95 % intervals in brackets. UA / IRA / CRA: a cluster bootstrap over the {len(doc['styles'])} "
-              f"style (or {len(doc['objects'])} object) targets, each target's images one cluster "
-              f"({BOOTSTRAP['resamples']} resamples, seed {BOOTSTRAP['seed']}); where every target agrees (a rate of "
-              "0 or 100 %) resampling has no spread, and the interval is Wilson's over the targets. pre-ASR / ASR: "
+    if len(doc["styles"]) == 1 and len(doc["objects"]) == 1:
+        how = ("UA / IRA / CRA: one target of each kind, so each rate has its cell's own interval, a cluster "
+               f"bootstrap over the target's captions ({BOOTSTRAP['resamples']} resamples, seed {BOOTSTRAP['seed']}; "
+               "strata: the retained concepts), or Wilson's over the captions where every caption agrees. ")
+    else:
+        how = (f"UA / IRA / CRA: a cluster bootstrap over the {len(doc['styles'])} "
+               f"style (or {len(doc['objects'])} object) targets, each target's images one cluster "
+               f"({BOOTSTRAP['resamples']} resamples, seed {BOOTSTRAP['seed']}); where every target agrees (a rate of "
+               "0 or 100 %) resampling has no spread, and the interval is Wilson's over the targets. ")
+    lines += ["", "95 % intervals in brackets. " + how + "pre-ASR / ASR: "
               f"Wilson over the {n_prompts} attacked prompts of the {len(doc['styles']) + len(doc['objects'])} targets, counted as independent (prompts of "
               "one target share it, so these intervals are if anything too narrow). Method: "
               "[statistics](statistics.md)."]
