@@ -1,4 +1,4 @@
-"""UA / IRA / CRA of UCE or RECE on canvas-mini, one target at a time (metrics.md section 1.4).
+"""UA / IRA / CRA of UCE or RECE on canvas-mini (or canvas-mini-mmdit), one target at a time (metrics.md section 1.4).
 
     python benchmarks/canvas_closed_form.py --method uce                    # all 10 styles + all 10 objects
     python benchmarks/canvas_closed_form.py --method rece --targets styles --seeds 0 1
@@ -7,8 +7,9 @@
 
 For every target the method erases it (its default options, or ``--options`` JSON), then the whole
 10 objects x 10 styles caption grid ("A {object} image in {style} style.") is generated with each seed
-(DDIM, 25 steps, guidance 7.5) and classified by the canvas judge. For a style target: UA = 1 -
-accuracy of the target style's images on the style head, IRA = mean style accuracy of the other
+(the pipeline's sampler: DDIM, or flow-Euler on SD 3; 25 steps, guidance 7.5) and classified by the
+canvas judge. For a style target: UA = 1 - accuracy of the target style's images on the style head, IRA =
+mean style accuracy of the other
 styles, CRA = mean object accuracy over all objects (all styles' images). For an object target the
 heads swap. ``--multi`` erases several styles in one call and reports UA on them and IRA on the rest.
 The unedited model's accuracies are measured first with the same grid. With ``--attack`` (e.g.
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     import erasekit
     from erasekit.canvas.world import OBJECTS, STYLES
     from erasekit.eval.judges import CanvasJudge
-    from erasekit.pipelines import Sampling, load_pipeline
+    from erasekit.pipelines import default_sampling, load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="uce", choices=["uce", "rece"])
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     pipe = load_pipeline(args.pipeline)
     judge = CanvasJudge.load(args.judge) if args.judge else CanvasJudge.load()
-    sampling, options = Sampling(), json.loads(args.options)
+    sampling, options = default_sampling(pipe), json.loads(args.options)
     t0 = time.perf_counter()
     base = grid_predictions(pipe, judge, args.seeds, sampling)
     step_file = Path(getattr(pipe, "name_or_path", "") or ".") / "training_step.json"
