@@ -41,7 +41,8 @@ not run, and the JSON says why. The estimate leaves out activations, so it is a 
 Each method runs in its own process (``--in-process``: all in this one, quicker, peaks may mix), so
 the peaks do not mix. Peak memory is CUDA's ``max_memory_allocated`` on a GPU, the process's peak
 resident set size on CPU (it includes the resident model). Writes JSON with the protocol to
-``benchmarks/results/mmdit_<family>[_tiny].json`` (``--out`` to change it).
+``benchmarks/results/mmdit_<family>[_tiny].json`` (``--out`` to change it), again after each method, so
+a run stopped midway keeps what it measured.
 """
 
 from __future__ import annotations
@@ -374,6 +375,8 @@ def main(argv=None) -> dict:
     need, free = estimate_bytes(counts, args.dtype), available_bytes(args.device)
     gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
     results = {}
+    path = Path(args.out) if args.out else \
+        ROOT / "benchmarks" / "results" / f"mmdit_{args.family}{'_tiny' if args.tiny else ''}.json"
     for method in args.methods:
         if need[method] > free:
             results[method] = {"method": method, "not_run": (
@@ -388,6 +391,13 @@ def main(argv=None) -> dict:
         if "failed" in results[method]:
             shown["failed"] = results[method]["failed"].strip().splitlines()[-1]
         print(f"{method}: {shown}", flush=True)
+        _write(path, args, size, counts, need, free, results)   # after every method: a killed run keeps its results
+    print("->", path)
+    return _write(path, args, size, counts, need, free, results)
+
+
+def _write(path: Path, args, size: str, counts: dict, need: dict, free: int, results: dict) -> dict:
+    """Write the report (protocol, parameter counts, estimates, the results so far) atomically; return it."""
     import torch
 
     from erasekit._io import write_text_atomic
@@ -404,11 +414,8 @@ def main(argv=None) -> dict:
                               "torch": torch.__version__,
                               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
               "results": results}
-    path = Path(args.out) if args.out else \
-        ROOT / "benchmarks" / "results" / f"mmdit_{args.family}{'_tiny' if args.tiny else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(report, indent=2, default=str))
-    print("->", path)
     return report
 
 
