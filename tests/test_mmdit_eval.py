@@ -182,6 +182,25 @@ def test_cli_attack_on_a_saved_sd3_folder(saved_sd3, tmp_path, monkeypatch, caps
     assert res["protocol"]["sampling"]["sampler"] == "flow_euler" and len(judge.seen) == 3
 
 
+def test_cli_erase_on_a_saved_flux_folder(tmp_path, clip_tokenizer_dir, capsys):
+    """The documented command (`erasekit erase --model DIR --method uce --concept ...`) on a Flux folder."""
+    from conftest import build_tiny_mmdit
+
+    from erasekit.cli.main import EXIT_OK, main
+    from erasekit.pipelines import Edit, load_pipeline
+
+    folder, edit_path = tmp_path / "flux", tmp_path / "uce.safetensors"
+    build_tiny_mmdit("flux", clip_tokenizer_dir).save_pretrained(folder)
+    assert main(["erase", "--model", str(folder), "--method", "uce", "--concept", "Van Gogh",
+                 "--out", str(edit_path)]) == EXIT_OK, capsys.readouterr().err
+    pipe = load_pipeline(str(folder))
+    edit = Edit.load(edit_path, pipe)
+    assert edit.manifest["method"] == "uce" and edit.manifest["family"] == "flux"
+    # the exact closed form: the context embedder and the pooled text projection, nothing else
+    assert sorted(edit.keys) == ["transformer/context_embedder.weight",
+                                 "transformer/time_text_embed.text_embedder.linear_1.weight"]
+
+
 # -- benchmarks/bench_mmdit.py: its plumbing on tiny configs, its memory check on the full-size ones -------
 def _bench():
     import importlib.util
