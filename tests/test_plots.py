@@ -38,6 +38,15 @@ def test_figures_are_deterministic_and_carry_their_data_hash(tmp_path):
     assert all(p.stat().st_size > 1000 and plots.embedded_hash(p) for p in others)
 
 
+def test_twelve_series_are_twelve_distinct_looks():
+    """The benchmark's figures plot twelve methods; matplotlib's cycle has ten colours."""
+    from erasekit.eval import plots
+
+    looks = [plots.series_look(i) for i in range(12)]
+    assert len(set(looks)) == 12
+    assert looks[0][0] == looks[10][0] and looks[0][1:] != looks[10][1:]   # same colour, another marker and dash
+
+
 def test_report_carries_intervals_in_json_markdown_and_figures(tmp_path):
     from erasekit.eval import Report, evaluate
     from erasekit.eval.plots import report_figures

@@ -76,6 +76,16 @@ def _figure(path, data, size=(5.5, 4.0), ncols: int = 1):
             plt.close(fig)
 
 
+_MARKERS, _LINES = ("o", "s", "^", "D"), ("-", "--", ":", "-.")
+
+
+def series_look(i: int) -> tuple[str, str, str]:
+    """(colour, marker, line style) of the ``i``-th series: matplotlib's ten cycle colours, then the same
+    colours again with another marker and dash, so that twelve methods stay twelve distinct series."""
+    cycle = i // 10
+    return f"C{i % 10}", _MARKERS[cycle % len(_MARKERS)], _LINES[cycle % len(_LINES)]
+
+
 def _err(iv: dict | None, value: float) -> tuple[float, float]:
     if not iv or iv.get("low") is None:
         return 0.0, 0.0
@@ -89,8 +99,9 @@ def tradeoff_figure(points: list[dict], path, title: str = "") -> Path:
         for i, p in enumerate(points):
             x, y = p["retention"], p["UA"]
             xe, ye = _err(p.get("retention_ci"), x), _err(p.get("UA_ci"), y)
-            ax.errorbar([x], [y], xerr=[[xe[0]], [xe[1]]], yerr=[[ye[0]], [ye[1]]], fmt="o", capsize=2,
-                        color=f"C{i % 10}", label=p["label"])
+            color, marker, _ = series_look(i)
+            ax.errorbar([x], [y], xerr=[[xe[0]], [xe[1]]], yerr=[[ye[0]], [ye[1]]], fmt=marker, capsize=2,
+                        color=color, label=p["label"])
         ax.set(xlabel="retention: mean(IRA, CRA) %", ylabel="erasure: UA %", ylim=(-2, 102), title=title)
         ax.legend(fontsize=7, loc="best")
     return Path(path)
@@ -104,9 +115,10 @@ def budget_figure(curves: dict[str, list[dict]], path, title: str = "") -> Path:
             if not pts:
                 continue
             b = [p["budget"] for p in pts]
-            ax.step(b, [p["asr"]["value"] for p in pts], where="post", color=f"C{i % 10}", label=label)
+            color, _, line = series_look(i)
+            ax.step(b, [p["asr"]["value"] for p in pts], where="post", color=color, linestyle=line, label=label)
             ax.fill_between(b, [p["asr"]["low"] for p in pts], [p["asr"]["high"] for p in pts], step="post",
-                            color=f"C{i % 10}", alpha=0.15, linewidth=0)
+                            color=color, alpha=0.15, linewidth=0)
         ax.set(xlabel="attack budget: UNet-forward equivalents per prompt", ylabel="ASR %", ylim=(-2, 102),
                title=title)
         ax.legend(fontsize=7, loc="best")
@@ -120,9 +132,11 @@ def k_figure(series: dict[str, list[dict]], path, title: str = "") -> Path:
             ks = [p["k"] + (i - len(series) / 2) * 0.03 for p in pts]   # a small offset keeps bars apart
             ys = [p["asr"]["value"] for p in pts]
             err = list(zip(*[_err(p["asr"], p["asr"]["value"]) for p in pts])) or [[], []]
-            ax.errorbar(ks, ys, yerr=err, marker="o", capsize=2, color=f"C{i % 10}", label=label)
+            color, marker, line = series_look(i)
+            ax.errorbar(ks, ys, yerr=err, marker=marker, linestyle=line, capsize=2, color=color, label=label)
         ax.set(xlabel="prefix tokens k", ylabel="ASR %", ylim=(-2, 102), title=title)
-        ax.legend(fontsize=7, loc="best")
+        ax.set_xticks(sorted({p["k"] for pts in series.values() for p in pts}))
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # outside: the lines cross mid-plot
     return Path(path)
 
 
@@ -158,12 +172,13 @@ def sequential_figure(series: dict[str, list[dict]], path, title: str = "") -> P
     with _figure(path, {"series": series, "title": title}, size=(7.0, 4.0)) as (fig, (ax,)):
         for i, (label, steps) in enumerate(series.items()):
             x = [s["step"] for s in steps]
+            color, marker, _ = series_look(i)   # the dash says UA or IRA here, the marker tells colours apart
             for key, style in (("UA", "-"), ("IRA", "--")):
                 y = [s[key] for s in steps]
-                ax.plot(x, y, style, marker="o", color=f"C{i % 10}", label=f"{label} {key}")
+                ax.plot(x, y, style, marker=marker, color=color, label=f"{label} {key}")
                 cis = [s.get(f"{key}_ci") for s in steps]
                 if all(cis):
-                    ax.fill_between(x, [c["low"] for c in cis], [c["high"] for c in cis], color=f"C{i % 10}",
+                    ax.fill_between(x, [c["low"] for c in cis], [c["high"] for c in cis], color=color,
                                     alpha=0.1, linewidth=0)
         ax.set(xlabel="step (concepts erased so far)", ylabel="%", ylim=(-2, 102), title=title)
         ax.set_xticks(sorted({s["step"] for steps in series.values() for s in steps}))
