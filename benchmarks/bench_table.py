@@ -646,8 +646,10 @@ def render_model_block(doc: dict) -> str:
               f"UnlearnDiffAtk at k = {doc['attack_ks'][0]} on {doc['attack_prompts_per_target']} captions per "
               "target at seed 0. Every method at its defaults on this model (the `canvas-mini-mmdit` provider, "
               "recorded in each cell's `preset`)."
-              + (f" Wall time of the runs: {' + '.join(_seconds(r['wall_s']) for r in runs)} s on "
-                 f"{runs[-1]['workers']} workers x {runs[-1]['threads']} thread." if runs else "")]
+              + (f" Wall time of the recorded runs: {' + '.join(_seconds(r['wall_s']) for r in runs)} s on "
+                 f"{runs[-1]['workers']} workers x {runs[-1]['threads']} thread." if runs else "")
+              + f" The jobs' own wall times sum to {_seconds(sum(j.get('wall_s') or 0 for j in doc['jobs'].values()))} s"
+              " (a job that loaded an Edit saved by an earlier, interrupted run does not count its erasure)."]
     return "\n".join(lines) + "\n"
 
 
