@@ -410,11 +410,18 @@ def _finished(out: Path, name: str, spec: dict) -> bool:
                for k in ("settings", "budgets", "ks") if k in spec)
 
 
-def run_all(out: Path, plan: dict, workers: int, threads: int) -> list[str]:
-    """Run every unfinished job, longest first as their inputs are ready; returns the failed ones."""
+def run_all(out: Path, plan: dict, workers: int, threads: int, stop_after: float | None = None,
+            priority: list[str] | None = None) -> list[str]:
+    """Run every unfinished job, longest first as their inputs are ready; returns the failed ones.
+
+    ``stop_after``: seconds after which no job is started (those running finish and are kept); the
+    rest is left for a rerun, which picks up where this one stopped. ``priority``: methods whose jobs
+    start first, in this order (then longest first within a method; jobs of no method before all)."""
+    rank = {m: i for i, m in enumerate(priority or [])}
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
+    start = time.monotonic()
     done = {n for n, s in plan.items() if _finished(out, n, s)}
     todo = {n: s for n, s in plan.items() if n not in done}
     cache = out / "cache"
@@ -423,8 +430,12 @@ def run_all(out: Path, plan: dict, workers: int, threads: int) -> list[str]:
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
         while todo or running:
-            ready = sorted((n for n, s in todo.items() if all(d in done for d in s["needs"])),
-                           key=lambda n: -todo[n]["cost"])
+            stopping = stop_after is not None and time.monotonic() - start > stop_after
+            if stopping and not running:
+                print(f"stopped after {stop_after:.0f} s: {len(todo)} jobs left for a rerun", flush=True)
+                break
+            ready = [] if stopping else sorted((n for n, s in todo.items() if all(d in done for d in s["needs"])),
+                                               key=lambda n: (rank.get(todo[n].get("method"), -1), -todo[n]["cost"]))
             for n in ready[:max(workers - len(running), 0)]:
                 running[pool.submit(run_job, n, todo.pop(n), out, cache)] = n
             if not running:
@@ -577,6 +588,8 @@ def render(doc: dict) -> str:
     """The benchmark page's tables (docs/benchmark.md, Markdown) from a collected document."""
     if doc.get("model", MODEL) != MODEL:
         return render_model_block(doc)
+    if doc["protocol"] != PROTOCOL:
+        return render_protocol_block(doc)
     lines = main_table(doc)
     seq = [(m, doc["jobs"].get(f"sequential/{m}")) for m in METHODS]
     seq = [(m, s) for m, s in seq if s]
@@ -651,6 +664,54 @@ def render_model_block(doc: dict) -> str:
               + f" The jobs' own wall times sum to {_seconds(sum(j.get('wall_s') or 0 for j in doc['jobs'].values()))} s"
               " (a job that loaded an Edit saved by an earlier, interrupted run does not count its erasure)."]
     return "\n".join(lines) + "\n"
+
+
+def render_protocol_block(doc: dict) -> str:
+    """The block of a canvas-mini run at another protocol (``--preset canvas``): the same table, ASR at
+    each prefix length k with the paired test between them, the claims, and what the run cost."""
+    lines = main_table(doc) + k_lines(doc) + claims_lines(doc)
+    runs = doc.get("runs") or []
+    methods = [name for name, _, _ in _method_cells(doc) if name != "original"]
+    missing = [m for m in METHODS if any(m in r.get("methods", []) for r in runs) and m not in methods]
+    left = sorted({n for r in runs[-1:] for n in r.get("left", [])})
+    proto = (doc["jobs"].get("original") or {}).get("protocol") or {}
+    sampling = proto.get("sampling") or {}
+    lines += ["", f"Protocol {doc['protocol']}: seeds {', '.join(map(str, proto.get('seeds', [])))}, "
+              f"{sampling.get('sampler', '-')} at {sampling.get('steps', '-')} steps and guidance "
+              f"{sampling.get('guidance', '-')}, {proto.get('dtype', '-')}; UnlearnDiffAtk on "
+              f"{doc['attack_prompts_per_target']} captions per target at seed "
+              f"{', '.join(map(str, doc['attack_seeds']))}, k = {' and '.join(map(str, doc['attack_ks']))}. "
+              f"Methods measured: {', '.join(methods) or 'none'}."
+              + (f" Not finished: {', '.join(missing)} (jobs left: {len(left)})." if missing else "")
+              + (f" Wall time of the recorded runs: {' + '.join(_seconds(r['wall_s']) for r in runs)}"
+                 + (f" = {_seconds(sum(r['wall_s'] for r in runs))}" if len(runs) > 1 else "")
+                 + f" s on {runs[-1]['workers']} workers x "
+                 f"{runs[-1]['threads']} thread." if runs else "")
+              + "".join(f" Run {i + 1} ({r.get('started', '-')}) was interrupted: {r['interrupted']}."
+                        for i, r in enumerate(runs) if r.get("interrupted"))
+              + f" The jobs' own wall times sum to {_seconds(sum(j.get('wall_s') or 0 for j in doc['jobs'].values()))} s."]
+    return "\n".join(lines) + "\n"
+
+
+def k_lines(doc: dict) -> list[str]:
+    """ASR at each prefix length k on the same prompts and seeds (Wilson), and the exact McNemar test of
+    the first k against the last, per method."""
+    from erasekit.stats import mcnemar, wilson
+
+    ks = [str(k) for k in doc_ks(doc)]
+    if len(ks) < 2:
+        return []
+    lines = ["", "| method | " + " | ".join(f"ASR, k = {k}" for k in ks) + f" | k = {ks[-1]} - k = {ks[0]}, p |",
+             "|---|" + "---|" * (len(ks) + 1)]
+    for name, styles, objects in _method_cells(doc):
+        cells = styles + objects
+        if name == "original" or not all(by_k(doc, c).get(k, {}).get("attack_outcomes") for c in cells for k in ks):
+            continue
+        outs = {k: [o[0] for c in cells for o in by_k(doc, c)[k]["attack_outcomes"]] for k in ks}
+        test = mcnemar(outs[ks[-1]], outs[ks[0]], **BOOTSTRAP)
+        lines.append(f"| {name} | " + " | ".join(wilson(sum(o), len(o)).format() for o in outs.values())
+                     + f" | {test.format()} |")
+    return lines if len(lines) > 2 else []
 
 
 def _step(step: dict, key: str) -> str:
@@ -971,7 +1032,7 @@ def write_figures(doc: dict, folder: Path = FIGURES) -> list[Path]:
 
 def write_docs(doc: dict, page: Path = ROOT / "docs" / "benchmark.md", folder: Path = FIGURES) -> list[Path]:
     """The benchmark page's table block and its figures from ``doc`` (the committed results); another
-    model's document fills that model's block (no figures)."""
+    model's document, or canvas-mini's at another protocol, fills its own block (no figures)."""
     begin, end = markers(doc)
     text = page.read_text()
     if begin not in text or end not in text:
@@ -979,17 +1040,28 @@ def write_docs(doc: dict, page: Path = ROOT / "docs" / "benchmark.md", folder: P
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
     page.write_text(f"{head}{begin}\n{render(doc)}{end}{tail}")
-    return [page] if doc.get("model", MODEL) != MODEL else [page, *write_figures(doc, folder)]
+    return [page] if block_name(doc) is not None else [page, *write_figures(doc, folder)]
 
 
 BEGIN, END = "<!-- bench_table:begin -->", "<!-- bench_table:end -->"
-MODEL_RESULTS = {"canvas-mini-mmdit": ROOT / "benchmarks" / "tables" / "cpu-mmdit.json"}   # other models' blocks
+# the page's other blocks: another model's run (at the lite protocol), or canvas-mini at another protocol
+BLOCK_RESULTS = {"canvas-mini-mmdit": ROOT / "benchmarks" / "tables" / "cpu-mmdit.json",
+                 "canvas": ROOT / "benchmarks" / "tables" / "cpu-canvas.json"}
+
+
+def block_name(doc: dict) -> str | None:
+    """Which block of the page ``doc`` fills: None for the main table, else another model's name or, on
+    canvas-mini, the protocol's."""
+    model = doc.get("model", MODEL)
+    if model != MODEL:
+        return model
+    return None if doc["protocol"] == PROTOCOL else doc["protocol"]
 
 
 def markers(doc: dict) -> tuple[str, str]:
-    """The page's markers around ``doc``'s block: the main table's, or ``bench_table:<model>:...``."""
-    model = doc.get("model", MODEL)
-    return (BEGIN, END) if model == MODEL else (f"<!-- bench_table:{model}:begin -->", f"<!-- bench_table:{model}:end -->")
+    """The page's markers around ``doc``'s block: the main table's, or ``bench_table:<block>:...``."""
+    name = block_name(doc)
+    return (BEGIN, END) if name is None else (f"<!-- bench_table:{name}:begin -->", f"<!-- bench_table:{name}:end -->")
 
 
 def _ratio_lines(jobs_: dict) -> list[str]:
@@ -1032,6 +1104,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix-ks", type=int, nargs="*", default=[],
                     help="prefix lengths of the prefix/ jobs: UnlearnDiffAtk on every cell's Edit at each k, per-prompt "
                          "outcomes kept (the ASR-vs-k figure; e.g. --prefix-ks 3 5; default none)")
+    ap.add_argument("--stop-after", type=float, metavar="SECONDS",
+                    help="start no job after this many seconds (running ones finish and are kept; the run is "
+                         "recorded with the jobs it left, and a rerun goes on from there)")
+    ap.add_argument("--priority", action="store_true",
+                    help="start the jobs method by method in the order of --methods (default: longest first, which "
+                         "balances the workers); with --stop-after, what is left is the last methods' jobs")
     ap.add_argument("--workers", type=int, default=2, help="worker processes (one job each at a time)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--styles", nargs="*", default=list(STYLES), help="style targets (the benchmark page's table: the default)")
@@ -1067,7 +1145,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"not {settings['attack_prompts']}")
     if a.docs:
         given = a.results != ap.get_default("results")
-        results = [a.results] + ([] if given else [p for p in MODEL_RESULTS.values() if p.exists()])
+        results = [a.results] + ([] if given else [p for p in BLOCK_RESULTS.values() if p.exists()])
         written = [p for r in results for p in write_docs(json.loads(r.read_text()))]
         print("\n".join(f"-> {p}" for p in written))
         return 0
@@ -1080,12 +1158,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = jobs(a.methods, a.styles, a.objects, a.sequence, {"iterations": a.sfd_stage1_iterations},
                     {"iterations": a.sfd_iterations}, settings, a.attacks, ratios=a.model == MODEL,
                     prefix_ks=a.prefix_ks)
-        failed = run_all(a.out, plan, a.workers, a.threads)
+        failed = run_all(a.out, plan, a.workers, a.threads, a.stop_after, a.methods if a.priority else None)
+        left = sorted(n for n, spec in plan.items() if n not in failed and not _finished(a.out, n, spec))
         runs_path = a.out / "runs.json"
         runs = json.loads(runs_path.read_text()) if runs_path.exists() else []
         runs.append({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
                      "wall_s": round(time.time() - start, 1), "workers": a.workers, "threads": a.threads,
                      "methods": a.methods, "settings": settings, "failed": failed,
+                     **({"left": left} if left else {}),
                      "erasekit_version": erasekit.__version__,
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
                      "python": platform.python_version()})

@@ -53,7 +53,7 @@ def test_canvas_mini_mmdit_block_is_the_rendering_of_its_committed_results(bench
     """The page's canvas-mini-mmdit block (SD 3 architecture) is the rendering of
     ``benchmarks/tables/cpu-mmdit.json``, whose cells ran on that model with UnlearnDiffAtk, for at least
     the five methods issue 24 asks for."""
-    doc = json.loads(bench.MODEL_RESULTS["canvas-mini-mmdit"].read_text())
+    doc = json.loads(bench.BLOCK_RESULTS["canvas-mini-mmdit"].read_text())
     assert doc["model"] == "canvas-mini-mmdit" and doc["format"] == bench.FORMAT
     begin, end = bench.markers(doc)
     page = (ROOT / "docs" / "benchmark.md").read_text()
@@ -64,6 +64,27 @@ def test_canvas_mini_mmdit_block_is_the_rendering_of_its_committed_results(bench
     for c in cells:
         assert c["preset"]["provider"] == "canvas-mini-mmdit", c["method"]
         assert None not in (c["UA"], c["IRA"], c["CRA"], c["ASR"]), c["method"]
+
+
+def test_canvas_protocol_block_is_the_rendering_of_its_committed_results(bench):
+    """The page's ``canvas`` block is the rendering of ``benchmarks/tables/cpu-canvas.json``: canvas-mini at
+    the ``canvas`` protocol (5 seeds), every cell with 10 captions attacked at k = 3 and k = 5 and every
+    prompt's outcome kept at both, so that its ASR has at least 40 prompts per method and kind."""
+    doc = json.loads(bench.BLOCK_RESULTS["canvas"].read_text())
+    assert doc["model"] == bench.MODEL and doc["protocol"] == "canvas" and doc["format"] == bench.FORMAT
+    begin, end = bench.markers(doc)
+    page = (ROOT / "docs" / "benchmark.md").read_text()
+    assert begin in page and end in page, "docs/benchmark.md lacks the canvas block markers"
+    assert page.split(begin, 1)[1].split(end, 1)[0].strip() == bench.render(doc).strip()
+    cells = [j for k, j in doc["jobs"].items() if k.startswith("cell/")]
+    assert cells and doc["jobs"]["original"]["protocol"]["seeds"] == [188, 288, 588, 688, 888]
+    for c in cells:
+        assert c["settings"] == bench.PRESETS["canvas"], c["job"]
+        for k in ("3", "5"):
+            assert len(c["attacks_by_k"][k]["attack_outcomes"]) == 10, (c["job"], k)
+    for name, styles, objects in bench._method_cells(doc):
+        if name != "original":
+            assert all(sum(len(c["attack_outcomes"]) for c in kind) >= 40 for kind in (styles, objects)), name
 
 
 def test_committed_figures_are_drawn_from_the_committed_results(bench, committed):
@@ -260,3 +281,55 @@ def test_prefix_jobs_give_the_asr_vs_k_figure_and_the_claim_at_each_k(bench):
     assert "McNemar" in at3["parts"][0]["method"] and at3["verdict"] == "does not hold"
     assert at5["verdict"] == "holds"
     assert bench.prefix_check(doc) == (15, 16)
+
+
+def test_canvas_protocol_results_fill_their_own_block_with_asr_at_each_k(bench, tmp_path):
+    """A ``--preset canvas`` run (canvas-mini, 10 captions, k = 3 and 5 in every cell) renders as the page's
+    ``canvas`` block: the table, ASR at each k with the McNemar test between them, the claims per k, the
+    protocol and the run's time, and the methods a stopped run has not finished; no figures, and the main
+    table's block is left as it was."""
+    def outcomes(hits):
+        return [[int(i < hits), 0, 100 * (i + 1) if i < hits else None] for i in range(10)]
+
+    settings = bench.PRESETS["canvas"]
+    jobs = {"original": {"targets": {}, "protocol": {"seeds": [188, 288], "dtype": "float32",
+                                                     "sampling": {"sampler": "ddim", "steps": 25, "guidance": 7.5}}}}
+    for m, hits in (("uce", {3: 2, 5: 9}), ("rece", {3: 4, 5: 8})):
+        for t in bench.STYLES + bench.OBJECTS:
+            by_k = {str(k): {"ASR": 10.0 * h, "pre_ASR": 0.0, "attack_outcomes": outcomes(h)} for k, h in hits.items()}
+            jobs[f"cell/{m}/{t}"] = {"method": m, "target": t, "UA": 100.0, "IRA": 99.0, "CRA": 99.0, "pre_ASR": 0.0,
+                                     "ASR": 10.0 * hits[3], "attack_outcomes": outcomes(hits[3]), "attacks_by_k": by_k,
+                                     "attack_prompts": bench.attack_prompts(t, 10), "attack_seeds": [0],
+                                     "settings": settings, "wall_s": 10.0}
+    doc = {"format": bench.FORMAT, "styles": list(bench.STYLES), "objects": list(bench.OBJECTS), "sequence": [],
+           "model": bench.MODEL, "protocol": "canvas", "attack_prompts_per_target": 10, "attack_seeds": [0],
+           "attack_ks": [3, 5], "jobs": jobs,
+           "runs": [{"wall_s": 100.0, "workers": 2, "threads": 1, "methods": ["uce"]},
+                    {"wall_s": 50.0, "workers": 2, "threads": 1, "methods": ["rece", "esd"], "left": ["cell/esd/Cats"]}]}
+    assert bench.block_name(doc) == "canvas"
+    block = bench.render(doc)
+    from erasekit.stats import mcnemar, wilson
+    uce3, uce5 = ([o[0] for _ in range(8) for o in outcomes(h)] for h in (2, 9))
+    assert (f"| uce | {wilson(16, 80).format()} | {wilson(72, 80).format()} | "
+            f"{mcnemar(uce5, uce3, **bench.BOOTSTRAP).format()} |") in block
+    assert "RECE is more robust than UCE (lower ASR), k = 3: **does not hold**" in block
+    assert "RECE is more robust than UCE (lower ASR), k = 5: **holds**" in block
+    assert "Protocol canvas: seeds 188, 288, ddim at 25 steps and guidance 7.5, float32" in block
+    assert "Not finished: esd (jobs left: 1)" in block and "100 + 50 = 150 s" in block
+    begin, end = bench.markers(doc)
+    page = tmp_path / "benchmark.md"
+    page.write_text(f"head\n{bench.BEGIN}\nmain table\n{bench.END}\nmiddle\n{begin}\nstale block\n{end}\ntail\n")
+    assert bench.write_docs(doc, page, tmp_path / "figures") == [page]
+    text = page.read_text()
+    assert f"{bench.BEGIN}\nmain table\n{bench.END}" in text and "stale block" not in text
+    assert text.split(begin)[1].split(end)[0].strip() == block.strip() and not (tmp_path / "figures").exists()
+
+
+def test_a_run_past_its_stop_after_starts_nothing_and_records_what_it_left(bench, tmp_path):
+    """``--stop-after 0``: no job starts; the run is recorded with every job of its plan left for a rerun,
+    and the results folder holds no job result."""
+    assert bench.main(["--methods", "uce", "--styles", "Van_Gogh", "--objects", "Cats", "--sequence",
+                       "--attacks", "--stop-after", "0", "--out", str(tmp_path)]) == 0
+    [run] = json.loads((tmp_path / "runs.json").read_text())
+    assert run["left"] == ["cell/uce/Cats", "cell/uce/Van_Gogh", "original", "ratio/closed_form"]
+    assert not list(tmp_path.glob("jobs/*.json"))
