@@ -5,7 +5,9 @@
     python benchmarks/bench_table.py --attacks             # without the attack matrix (or name some attacks)
     python benchmarks/bench_table.py --render              # rebuild table.md / table.json from finished jobs
     python benchmarks/bench_table.py --docs                # the page's table and docs/figures/ from cpu.json
-    python benchmarks/bench_table.py --preset canvas --out benchmarks/results/table-canvas   # the canvas rerun
+    python benchmarks/bench_table.py --preset canvas --methods uce rece esd salun advunlearn sfd \
+        --sequence --attacks --out benchmarks/results/table-canvas   # the page's canvas-protocol block
+    python benchmarks/bench_table.py ... --stop-after 6000 --priority   # start no job after 6000 s, method by method
     python benchmarks/bench_table.py --model canvas-mini-mmdit --methods uce rece esd salun advunlearn \
         --sequence --out benchmarks/results/table-mmdit       # the canvas-mini-mmdit block (SD 3 architecture)
     erasekit bench table -- --out DIR                      # the same through the CLI
@@ -46,6 +48,12 @@ SFD runs its default two-stage recipe (``SFD_STAGE1``, ``SFD_OPTIONS``) with sta
 one plain one-step distillation of every caption (``sfd/stage1``, no forgetting, shared by every SFD
 job, the counterpart of the SiD-LSG checkpoint the reference starts from), then the default
 forgetting run per target from it. Every other method runs at its defaults. The budgets are in the JSON.
+
+The page has one block per results file (:data:`BLOCK_RESULTS`): the main table (``cpu.json``, lite), the
+``canvas`` protocol's (``cpu-canvas.json``: the table, ASR at each k with the McNemar test between them, the
+claims and the runs' time) and canvas-mini-mmdit's. A run that must end by a set time takes ``--stop-after``
+(no job starts after it; running ones finish; the run records the jobs it left) and ``--priority`` (method by
+method in the order given, so what is left is the last method's jobs); a rerun goes on from there.
 
 ``--model canvas-mini-mmdit`` runs the same jobs on canvas-mini-mmdit, the SD 3-architecture model of
 the same world (docs/canvas-mini.md), sampled with flow-Euler at the protocol's steps and guidance; its
