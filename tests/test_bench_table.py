@@ -241,13 +241,20 @@ def test_another_models_results_fill_their_own_block_of_the_page(bench, tmp_path
     assert "Model: canvas-mini-mmdit; protocol canvas-lite, sampled with flow_euler at 25 steps" in block
     assert "40.0 % [" in block   # UnlearnDiffAtk: 2 of 5 prompts at every target
     assert bench.settings_of(doc)["model"] == "canvas-mini-mmdit"
+    assert "canvas-mini-mmdit" in bench.markers(doc)[0]
+    _writes_only_its_block(bench, doc, block, tmp_path)
+
+
+def _writes_only_its_block(bench, doc, block, tmp_path):
+    """Writing ``doc`` into a page replaces its own block with ``block`` and leaves the main table's as it
+    was, and draws no figures."""
     begin, end = bench.markers(doc)
-    assert (begin, end) != (bench.BEGIN, bench.END) and "canvas-mini-mmdit" in begin
+    assert (begin, end) != (bench.BEGIN, bench.END)
     page = tmp_path / "benchmark.md"
-    page.write_text(f"head\n{bench.BEGIN}\nmain table\n{bench.END}\nmiddle\n{begin}\nold\n{end}\ntail\n")
+    page.write_text(f"head\n{bench.BEGIN}\nmain table\n{bench.END}\nmiddle\n{begin}\nstale block\n{end}\ntail\n")
     assert bench.write_docs(doc, page, tmp_path / "figures") == [page]
     text = page.read_text()
-    assert f"{bench.BEGIN}\nmain table\n{bench.END}" in text and "old" not in text
+    assert f"{bench.BEGIN}\nmain table\n{bench.END}" in text and "stale block" not in text
     assert text.split(begin)[1].split(end)[0].strip() == block.strip() and not (tmp_path / "figures").exists()
 
 
@@ -316,13 +323,7 @@ def test_canvas_protocol_results_fill_their_own_block_with_asr_at_each_k(bench, 
     assert "RECE is more robust than UCE (lower ASR), k = 5: **holds**" in block
     assert "Protocol canvas: seeds 188, 288, ddim at 25 steps and guidance 7.5, float32" in block
     assert "Not finished: esd (jobs left: 1)" in block and "100 + 50 = 150 s" in block
-    begin, end = bench.markers(doc)
-    page = tmp_path / "benchmark.md"
-    page.write_text(f"head\n{bench.BEGIN}\nmain table\n{bench.END}\nmiddle\n{begin}\nstale block\n{end}\ntail\n")
-    assert bench.write_docs(doc, page, tmp_path / "figures") == [page]
-    text = page.read_text()
-    assert f"{bench.BEGIN}\nmain table\n{bench.END}" in text and "stale block" not in text
-    assert text.split(begin)[1].split(end)[0].strip() == block.strip() and not (tmp_path / "figures").exists()
+    _writes_only_its_block(bench, doc, block, tmp_path)
 
 
 def test_a_run_past_its_stop_after_starts_nothing_and_records_what_it_left(bench, tmp_path):
