@@ -418,6 +418,26 @@ def _finished(out: Path, name: str, spec: dict) -> bool:
                for k in ("settings", "budgets", "ks") if k in spec)
 
 
+def continue_from(out: Path, doc: dict, settings: dict) -> int:
+    """Write the finished jobs and the runs of a collected document into ``out`` (jobs already there are
+    kept), so that a run goes on where the document's stopped; returns how many jobs were written. The
+    SFD stage-1 generator is a file, not a result: a folder without it makes it again."""
+    if settings_of(doc) != settings:
+        raise SystemExit(f"--continue-from: the results were measured with {settings_of(doc)}, this run asks for "
+                         f"{settings}; give the same --preset / --model (or another --out)")
+    written = 0
+    for name, job in doc["jobs"].items():
+        path = _job_path(out, name)
+        if not path.exists():
+            _write_json(path, job)
+            written += 1
+    runs_path = out / "runs.json"
+    runs = json.loads(runs_path.read_text()) if runs_path.exists() else []
+    runs += [r for r in doc.get("runs", []) if r not in runs]
+    _write_json(runs_path, runs)
+    return written
+
+
 def run_all(out: Path, plan: dict, workers: int, threads: int, stop_after: float | None = None,
             priority: list[str] | None = None) -> list[str]:
     """Run every unfinished job, longest first as their inputs are ready; returns the failed ones.
@@ -1118,6 +1138,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--priority", action="store_true",
                     help="start the jobs method by method in the order of --methods (default: longest first, which "
                          "balances the workers); with --stop-after, what is left is the last methods' jobs")
+    ap.add_argument("--continue-from", type=Path, metavar="JSON",
+                    help="go on from a collected results file (e.g. the committed benchmarks/tables/cpu-canvas.json), "
+                         "on this or another machine: its finished jobs and its runs are written into --out first "
+                         "(those already there are kept); it must have been measured with this run's settings")
     ap.add_argument("--workers", type=int, default=2, help="worker processes (one job each at a time)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--styles", nargs="*", default=list(STYLES), help="style targets (the benchmark page's table: the default)")
@@ -1157,6 +1181,9 @@ def main(argv: list[str] | None = None) -> int:
         written = [p for r in results for p in write_docs(json.loads(r.read_text()))]
         print("\n".join(f"-> {p}" for p in written))
         return 0
+    if a.continue_from:
+        seeded = continue_from(a.out, json.loads(a.continue_from.read_text()), settings)
+        print(f"{seeded} finished jobs taken from {a.continue_from}", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     failed = []
     if not a.render:

@@ -334,3 +334,27 @@ def test_a_run_past_its_stop_after_starts_nothing_and_records_what_it_left(bench
     [run] = json.loads((tmp_path / "runs.json").read_text())
     assert run["left"] == ["cell/uce/Cats", "cell/uce/Van_Gogh", "original", "ratio/closed_form"]
     assert not list(tmp_path.glob("jobs/*.json"))
+
+
+def test_a_run_goes_on_from_a_collected_results_file(bench, tmp_path):
+    """``--continue-from``: the file's finished jobs and runs are written into the new folder, so the run
+    leaves only the rest; jobs already in the folder are kept; a file measured with other settings is refused
+    and writes nothing."""
+    doc = {"format": bench.FORMAT, "styles": ["Van_Gogh"], "objects": ["Cats"], "sequence": [], "model": bench.MODEL,
+           "protocol": "canvas-lite", "attack_prompts_per_target": 5, "attack_seeds": [0], "attack_ks": [3],
+           "runs": [{"wall_s": 100.0, "workers": 2, "threads": 1, "methods": ["uce"]}],
+           "jobs": {"cell/uce/Van_Gogh": {"job": "cell/uce/Van_Gogh", "settings": bench.PRESETS["lite"], "wall_s": 9.0}}}
+    results = tmp_path / "done.json"
+    results.write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    (out / "jobs").mkdir(parents=True)
+    (out / "jobs" / "ratio__closed_form.json").write_text(json.dumps({"job": "ratio/closed_form", "wall_s": 1.0}))
+    argv = ["--methods", "uce", "--styles", "Van_Gogh", "--objects", "Cats", "--sequence", "--attacks",
+            "--stop-after", "0", "--out", str(out), "--continue-from", str(results)]
+    assert bench.main(argv) == 0
+    first, run = json.loads((out / "runs.json").read_text())
+    assert first == doc["runs"][0] and run["left"] == ["cell/uce/Cats", "original"]
+    assert json.loads((out / "jobs" / "ratio__closed_form.json").read_text())["wall_s"] == 1.0
+    with pytest.raises(SystemExit, match="measured with"):
+        bench.main([*argv[:-3], str(tmp_path / "other"), "--preset", "canvas", "--continue-from", str(results)])
+    assert not (tmp_path / "other").exists()
