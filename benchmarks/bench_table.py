@@ -445,10 +445,10 @@ def run_all(out: Path, plan: dict, workers: int, threads: int, stop_after: float
     ``stop_after``: seconds after which no job is started (those running finish and are kept); the
     rest is left for a rerun, which picks up where this one stopped. ``priority``: methods whose jobs
     start first, in this order (then longest first within a method; jobs of no method before all)."""
-    rank = {m: i for i, m in enumerate(priority or [])}
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
+    rank = {m: i for i, m in enumerate(priority or [])}
     start = time.monotonic()
     done = {n for n, s in plan.items() if _finished(out, n, s)}
     todo = {n: s for n, s in plan.items() if n not in done}
@@ -704,6 +704,11 @@ def render_protocol_block(doc: dict) -> str:
     left = sorted({n for r in runs[-1:] for n in r.get("left", [])})
     proto = (doc["jobs"].get("original") or {}).get("protocol") or {}
     sampling = proto.get("sampling") or {}
+    wall = ""
+    if runs:
+        total = f" = {_seconds(sum(r['wall_s'] for r in runs))}" if len(runs) > 1 else ""
+        wall = (f" Wall time of the recorded runs: {' + '.join(_seconds(r['wall_s']) for r in runs)}{total} s on "
+                f"{runs[-1]['workers']} workers x {runs[-1]['threads']} thread.")
     lines += ["", f"Protocol {doc['protocol']}: seeds {', '.join(map(str, proto.get('seeds', [])))}, "
               f"{sampling.get('sampler', '-')} at {sampling.get('steps', '-')} steps and guidance "
               f"{sampling.get('guidance', '-')}, {proto.get('dtype', '-')}; UnlearnDiffAtk on "
@@ -711,10 +716,7 @@ def render_protocol_block(doc: dict) -> str:
               f"{', '.join(map(str, doc['attack_seeds']))}, k = {' and '.join(map(str, doc['attack_ks']))}. "
               f"Methods measured: {', '.join(methods) or 'none'}."
               + (f" Not finished: {', '.join(missing)} (jobs left: {len(left)})." if missing else "")
-              + (f" Wall time of the recorded runs: {' + '.join(_seconds(r['wall_s']) for r in runs)}"
-                 + (f" = {_seconds(sum(r['wall_s'] for r in runs))}" if len(runs) > 1 else "")
-                 + f" s on {runs[-1]['workers']} workers x "
-                 f"{runs[-1]['threads']} thread." if runs else "")
+              + wall
               + "".join(f" Run {i + 1} ({r.get('started', '-')}) was interrupted: {r['interrupted']}."
                         for i, r in enumerate(runs) if r.get("interrupted"))
               + f" The jobs' own wall times sum to {_seconds(sum(j.get('wall_s') or 0 for j in doc['jobs'].values()))} s."]
