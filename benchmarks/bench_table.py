@@ -5,8 +5,8 @@
     python benchmarks/bench_table.py --attacks             # without the attack matrix (or name some attacks)
     python benchmarks/bench_table.py --render              # rebuild table.md / table.json from finished jobs
     python benchmarks/bench_table.py --docs                # the page's table and docs/figures/ from cpu.json
-    python benchmarks/bench_table.py --preset canvas --methods uce rece esd salun advunlearn sfd \
-        --sequence --attacks --out benchmarks/results/table-canvas   # the page's canvas-protocol block
+    python benchmarks/bench_table.py --preset canvas --sequence --attacks \
+        --out benchmarks/results/table-canvas                # the page's canvas-protocol block (12 methods)
     python benchmarks/bench_table.py ... --stop-after 6000 --priority   # start no job after 6000 s, method by method
     python benchmarks/bench_table.py --model canvas-mini-mmdit --methods uce rece esd salun advunlearn \
         --sequence --out benchmarks/results/table-mmdit       # the canvas-mini-mmdit block (SD 3 architecture)
