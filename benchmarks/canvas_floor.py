@@ -91,9 +91,8 @@ def unet_seconds_per_latent(threads: int, repeats: int, batch: int, compile_: bo
     args = (torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
             torch.full((batch,), 500), torch.randn(batch, 77, cfg.cross_attention_dim, generator=g))
     out = {}
-    for name, model in (("eager", unet), ("compile", torch.compile(unet) if compile_ else None)):
-        if model is None:
-            continue
+    models = {"eager": unet, **({"compile": torch.compile(unet)} if compile_ else {})}
+    for name, model in models.items():
         with torch.inference_mode():
             model(*args)  # warm-up (the compile)
             times = []
@@ -143,9 +142,9 @@ def main() -> None:
            "recorded_runs_wall_s": round(recorded, 1), "budget_s": BUDGET_S, "torch": torch.__version__,
            "erasekit_version": erasekit.__version__,
            "machine": f"{platform.machine()}, {platform.processor() or '-'}, {platform.platform()}"}
-    first = sums["every k"]
-    print(f"{first['unet_passes']:,} evaluation UNet passes in {first['cells']} cells and "
-          f"{first['attack_unet_equiv']:,} attack UNet-forward equivalents, at {s_per_latent * 1000:.2f} ms each")
+    every = sums["every k"]
+    print(f"{every['unet_passes']:,} evaluation UNet passes in {every['cells']} cells and "
+          f"{every['attack_unet_equiv']:,} attack UNet-forward equivalents, at {s_per_latent * 1000:.2f} ms each")
     for label, f in sums.items():
         parts = ", ".join(f"{k} {v:,.0f}" for k, v in f["parts_core_s"].items())
         print(f"floor, attacks at {label}: {f['core_s']:,.0f} core-s ({parts}) / {workers} workers = "
